@@ -1,0 +1,156 @@
+"""The on-disk format: safetensors tensors + a compressed-tensors ``quantization_config`` in config.json.
+
+docs/FORMAT.md is the spec. In short: ``config.json`` carries ``quantization_config`` with
+``quant_method: compressed-tensors``, one config group per distinct (weight scheme, activation scheme)
+whose ``targets`` are the exact module names it covers, an ``ignore`` list, and a ``lowbit`` section with
+``format_version`` (checked by the loader) and what produced the file. Tensors use the compressed-tensors
+names (see kernels/quant_linear.py). Nothing is inferred from file names (DESIGN.md principle 8).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lowbit.errors import LowbitError
+from lowbit.formats.scheme import ActScheme, WeightScheme
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "compressed-tensors"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """What one linear layer holds: its weight scheme, activation scheme and storage format."""
+
+    weights: WeightScheme
+    activations: ActScheme | None
+    format: str
+
+
+def _weight_args(s: WeightScheme) -> dict[str, Any]:
+    return {
+        "num_bits": s.bits,
+        "type": s.format,
+        "symmetric": s.symmetric,
+        "strategy": s.strategy,
+        "group_size": s.group_size,
+        "dynamic": False,
+    }
+
+
+def _act_args(a: ActScheme | None) -> dict[str, Any] | None:
+    if a is None:
+        return None
+    return {"num_bits": a.bits, "type": a.format, "symmetric": a.symmetric, "strategy": a.strategy, "dynamic": True}
+
+
+def build_quantization_config(
+    layers: dict[str, LayerScheme], ignore: list[str], lowbit_info: dict[str, Any]
+) -> dict[str, Any]:
+    """compressed-tensors ``quantization_config`` for per-layer schemes.
+
+    Args:
+        layers: module name -> scheme, for every quantized linear.
+        ignore: module names of linears left in float (e.g. "lm_head").
+        lowbit_info: extra JSON stored under ``lowbit`` (recipe, group fallbacks...); format_version is added.
+    """
+    groups: dict[LayerScheme, list[str]] = {}
+    for name, ls in layers.items():
+        groups.setdefault(ls, []).append(name)
+    formats = {ls.format for ls in groups}
+    config_groups = {
+        f"group_{i}": {
+            "targets": names,
+            "weights": _weight_args(ls.weights),
+            "input_activations": _act_args(ls.activations),
+            "output_activations": None,
+            "format": ls.format,
+        }
+        for i, (ls, names) in enumerate(groups.items())
+    }
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "lowbit": {"format_version": FORMAT_VERSION, **lowbit_info},
+    }
+
+
+def _scheme_from_args(w: dict[str, Any], a: dict[str, Any] | None, fmt: str, where: str) -> LayerScheme:
+    try:
+        weights = WeightScheme(
+            format=w.get("type", "int"),
+            bits=int(w["num_bits"]),
+            strategy=w.get("strategy", "tensor"),
+            group_size=w.get("group_size") if w.get("strategy") == "group" else None,
+            symmetric=bool(w.get("symmetric", True)),
+        )
+        act = None
+        if a is not None:
+            if not a.get("dynamic", False):
+                raise LowbitError(f"{where}: static activation scales are not supported")
+            act = ActScheme(format=a.get("type", "int"), bits=int(a["num_bits"]), strategy=a.get("strategy", "token"),
+                            symmetric=bool(a.get("symmetric", True)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise LowbitError(f"{where}: malformed quantization args ({e})") from None
+    if fmt not in ("pack-quantized", "int-quantized"):
+        raise LowbitError(f"{where}: storage format {fmt!r} is not supported (pack-quantized, int-quantized)")
+    return LayerScheme(weights, act, fmt)
+
+
+def parse_quantization_config(qc: Any) -> tuple[list[tuple[list[str], LayerScheme]], list[str]]:
+    """Read a ``quantization_config`` back into ``([(targets, scheme)...], ignore)``, checking the version."""
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise LowbitError(f"quantization_config is not a {QUANT_METHOD} config")
+    version = qc.get("lowbit", {}).get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise LowbitError(f"checkpoint format version {version} is newer than this lowbit reads ({FORMAT_VERSION}); upgrade lowbit")
+    groups = []
+    for gname, g in (qc.get("config_groups") or {}).items():
+        where = f"quantization_config.config_groups.{gname}"
+        if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
+            raise LowbitError(f"{where}: needs a 'weights' mapping")
+        fmt = g.get("format") or qc.get("format")
+        groups.append((list(g.get("targets", [])), _scheme_from_args(g["weights"], g.get("input_activations"), fmt, where)))
+    if not groups:
+        raise LowbitError("quantization_config has no config_groups")
+    return groups, list(qc.get("ignore") or [])
+
+
+def matches(name: str, class_name: str, target: str) -> bool:
+    """compressed-tensors target matching: a class name, an exact module name, or ``re:<regex>``."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or target == class_name
+
+
+def scheme_for(
+    name: str, class_name: str, groups: list[tuple[list[str], LayerScheme]], ignore: list[str]
+) -> LayerScheme | None:
+    """The scheme a module gets, or None if it is ignored or no group targets it."""
+    if any(matches(name, class_name, t) for t in ignore):
+        return None
+    for targets, ls in groups:
+        if any(matches(name, class_name, t) for t in targets):
+            return ls
+    return None
+
+
+def write_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (with its quantization_config) into ``out_dir``."""
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    # One metadata key only: safetensors writes metadata in hash-map order, and the same inputs must give
+    # byte-identical files (the format version lives in config.json).
+    save_file(contiguous, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

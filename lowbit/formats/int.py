@@ -1,0 +1,121 @@
+"""Integer grids: scales, zero points, codes and their inverse.
+
+These primitives are shared by every path that quantizes a weight: RTN, GPTQ's column loop, the
+fake-quant simulation and the packer all call the same functions, so the simulated and the packed
+numbers are the same by construction (DESIGN.md principle 7).
+
+Conventions (those of compressed-tensors, so checkpoints load there as they are):
+
+* codes are signed, ``q in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]``, stored as int8;
+* symmetric: ``s = absmax / qmax``, no zero point, ``w_hat = s * q`` (qmin is never produced by RTN, but a
+  code of qmin is legal and dequantizes to ``s * qmin``);
+* asymmetric: ``s = (max - min) / (2^b - 1)`` with the range widened to contain 0,
+  ``z = clamp(round(qmin - min / s), qmin, qmax)`` (signed, int8), ``w_hat = s * (q - z)``;
+* rounding is round-half-to-even (torch.round); the scale is cast to its storage dtype *before* codes
+  are computed, so dequantizing stored scales gives exactly the values that were simulated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats.scheme import WeightScheme
+
+# Smallest scale written: a group of zeros must not give a zero (division by zero) or denormal scale.
+SCALE_EPS = 1e-8
+
+
+def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Reshape ``w [out, in]`` to ``[out, in // group_size, group_size]`` (group_size must divide in)."""
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
+    return w.reshape(out_features, in_features // group_size, group_size)  # [out, G, g]
+
+
+def compute_qparams(
+    w: torch.Tensor,
+    scheme: WeightScheme,
+    scale_dtype: torch.dtype = torch.float32,
+    clip: torch.Tensor | float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point of every group of ``w`` under ``scheme``.
+
+    Args:
+        w: float weight ``[out, in]``; any float dtype (computed in float32).
+        scheme: the grid; its group size must already be resolved for this layer (``scheme.for_layer``).
+        scale_dtype: storage dtype of the scales (the model's float dtype); scales are rounded to it here.
+        clip: range shrink factor in (0, 1], a scalar or ``[out, G]`` (used by MSE clipping searches).
+
+    Returns:
+        scale: float32 ``[out, G]`` (values representable in ``scale_dtype``); ``G = 1`` for channel,
+            and ``[1, 1]`` for tensor.
+        zero: int8 ``[out, G]`` signed zero points, or None when symmetric.
+    """
+    w = w.float()
+    if scheme.strategy == "tensor":
+        wg = w.reshape(1, 1, -1)
+    else:
+        wg = group_view(w, scheme.columns_per_scale(w.shape[1]))
+    if scheme.symmetric:
+        absmax = wg.abs().amax(dim=-1) * clip  # [out, G]
+        scale = (absmax / scheme.qmax).clamp_min(SCALE_EPS).to(scale_dtype).float()
+        return scale, None
+    xmin = wg.amin(dim=-1).clamp_max(0.0) * clip  # the range always contains 0
+    xmax = wg.amax(dim=-1).clamp_min(0.0) * clip
+    levels = (1 << scheme.bits) - 1
+    scale = ((xmax - xmin) / levels).clamp_min(SCALE_EPS).to(scale_dtype).float()
+    zero = torch.round(scheme.qmin - xmin / scale).clamp(scheme.qmin, scheme.qmax).to(torch.int8)
+    return scale, zero
+
+
+def expand_groups(t: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Broadcast a per-group tensor ``[out, G]`` to ``[out, in]`` (each group covers in/G columns)."""
+    repeats = in_features // t.shape[1]
+    return t.repeat_interleave(repeats, dim=1)
+
+
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme
+) -> torch.Tensor:
+    """Signed integer codes of ``w [out, in]`` on the grid (scale ``[out|1, G]``, zero ``[out, G]``); int8 ``[out, in]``."""
+    in_features = w.shape[1]
+    s = expand_groups(scale, in_features)
+    q = torch.round(w.float() / s)
+    if zero is not None:
+        q = q + expand_groups(zero, in_features).float()
+    return q.clamp(scheme.qmin, scheme.qmax).to(torch.int8)
+
+
+def dequantize_codes(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``w_hat = s * (q - z)`` for int8 codes ``[out, in]``; computed in float32, returned in ``dtype``."""
+    in_features = codes.shape[1]
+    q = codes.float()
+    if zero is not None:
+        q = q - expand_groups(zero, in_features).float()
+    return (q * expand_groups(scale.float(), in_features)).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Round ``w [out, in]`` to the grid and back, in ``w``'s dtype (RTN simulation)."""
+    scale, zero = compute_qparams(w, scheme, scale_dtype)
+    return dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, w.dtype)
+
+
+def quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token quantization of activations ``x [..., K]``.
+
+    Uses the compressed-tensors convention ``s = absmax / ((2^b - 1) / 2)`` (127.5 for INT8) and clamps to
+    ``[-2^(b-1), 2^(b-1) - 1]`` so that a checkpoint run by transformers + compressed-tensors gives the
+    same numbers as ours.
+
+    Returns:
+        codes: int8 ``[..., K]``; scale: float32 ``[..., 1]``.
+    """
+    half_range = ((1 << bits) - 1) / 2
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / half_range).clamp_min(SCALE_EPS)
+    q = torch.round(xf / scale).clamp(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+    return q.to(torch.int8), scale

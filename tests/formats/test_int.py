@@ -1,0 +1,111 @@
+"""Integer grids: golden vectors, the half-step error bound, and the group fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.errors import LowbitError
+from lowbit.formats.int import (
+    compute_qparams,
+    dequantize_codes,
+    fake_quantize,
+    quantize_activation_per_token,
+    quantize_codes,
+)
+from lowbit.formats.scheme import WeightScheme, resolve_group_size
+
+
+def test_symmetric_golden() -> None:
+    w = torch.tensor([[0.7, -0.35, 0.1, 0.0], [-2.0, 1.1, 0.5, 0.26]])
+    s = WeightScheme(bits=4, strategy="channel", group_size=None)
+    scale, zero = compute_qparams(w, s)
+    assert zero is None
+    torch.testing.assert_close(scale, torch.tensor([[0.1], [2.0 / 7]]))
+    codes = quantize_codes(w, scale, zero, s)
+    # 0.26 / (2/7) = 0.91 -> 1 ; 0.5 / (2/7) = 1.75 -> 2 ; -0.35/0.1 = -3.5 -> -4 (half to even)
+    assert codes.tolist() == [[7, -4, 1, 0], [-7, 4, 2, 1]]
+    assert codes.dtype == torch.int8
+
+
+def test_asymmetric_golden() -> None:
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.5]])  # all positive: the range is widened to contain 0
+    s = WeightScheme(bits=2, strategy="channel", group_size=None, symmetric=False)
+    scale, zero = compute_qparams(w, s)
+    torch.testing.assert_close(scale, torch.tensor([[1.5]]))
+    assert zero.tolist() == [[-2]]  # round(qmin - 0/1.5) = -2
+    codes = quantize_codes(w, scale, zero, s)
+    assert codes.tolist() == [[-1, -1, 0, 1]]  # round(w/1.5) - 2 = [1, 1, 2, 3] - 2
+    torch.testing.assert_close(dequantize_codes(codes, scale, zero), torch.tensor([[1.5, 1.5, 3.0, 4.5]]))
+
+
+def test_group_scales_are_per_group() -> None:
+    w = torch.cat([torch.full((1, 4), 1.0), torch.full((1, 4), 7.0)], dim=1)
+    s = WeightScheme(bits=4, strategy="group", group_size=4)
+    scale, _ = compute_qparams(w, s)
+    torch.testing.assert_close(scale, torch.tensor([[1.0 / 7, 1.0]]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    sym=st.booleans(),
+    group=st.sampled_from([None, 8, 16]),
+    seed=st.integers(0, 10_000),
+)
+def test_dequantize_error_at_most_half_step(bits: int, sym: bool, group: int | None, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 32, generator=gen) * torch.rand(6, 1, generator=gen) * 3
+    s = WeightScheme(bits=bits, strategy="group" if group else "channel", group_size=group, symmetric=sym)
+    scale, zero = compute_qparams(w, s)
+    w_hat = dequantize_codes(quantize_codes(w, scale, zero, s), scale, zero)
+    step = scale.repeat_interleave(32 // scale.shape[1], dim=1)
+    assert ((w - w_hat).abs() <= step / 2 + 1e-6).all()
+
+
+def test_scale_dtype_rounding_is_shared_by_simulation_and_codes() -> None:
+    w = torch.randn(8, 64, dtype=torch.float32)
+    s = WeightScheme(bits=4, strategy="group", group_size=32)
+    scale, zero = compute_qparams(w, s, torch.bfloat16)
+    assert torch.equal(scale, scale.to(torch.bfloat16).float())  # representable in bf16
+    assert torch.equal(fake_quantize(w, s, torch.bfloat16), dequantize_codes(quantize_codes(w, scale, zero, s), scale, zero))
+
+
+def test_zero_group_does_not_divide_by_zero() -> None:
+    w = torch.zeros(2, 8)
+    out = fake_quantize(w, WeightScheme(bits=4, strategy="channel", group_size=None))
+    assert torch.equal(out, w)
+
+
+@pytest.mark.parametrize(
+    ("in_features", "group", "expected"),
+    [(576, 128, 64), (1536, 128, 128), (172, 128, 172), (64, 128, 64), (96, 64, 32), (576, 64, 64)],
+)
+def test_group_fallback(in_features: int, group: int, expected: int) -> None:
+    assert resolve_group_size(in_features, group) == expected
+
+
+def test_for_layer_makes_fallback_explicit() -> None:
+    s = WeightScheme(bits=4, strategy="group", group_size=128)
+    assert s.for_layer(1536) == s
+    assert s.for_layer(576) == WeightScheme(bits=4, strategy="group", group_size=64)
+    assert s.for_layer(172).strategy == "channel"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"bits": 1}, {"bits": 9}, {"strategy": "row"}, {"format": "nf4"}, {"strategy": "group", "group_size": 0},
+     {"strategy": "channel", "group_size": 128}],
+)
+def test_bad_scheme_is_a_clear_error(kwargs: dict) -> None:
+    with pytest.raises(LowbitError):
+        WeightScheme(**kwargs)
+
+
+def test_activation_per_token_golden() -> None:
+    x = torch.tensor([[0.0, 1.275, -2.55], [0.5, 0.25, 0.0]])
+    q, s = quantize_activation_per_token(x)
+    torch.testing.assert_close(s, torch.tensor([[0.02], [0.5 / 127.5]]))
+    assert q.tolist() == [[0, 64, -128], [127, 64, 0]]  # 63.75->64, -127.5->-128, 127.5->128->127
