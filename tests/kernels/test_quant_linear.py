@@ -1,0 +1,80 @@
+"""QuantLinear: the packed path equals the fake-quant path bit for bit, and buffers round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.formats.int import fake_quantize, quantize_activation_per_token
+from lowbit.formats.scheme import ActScheme, WeightScheme
+from lowbit.kernels.dispatch import Backend, resolve_backend
+from lowbit.kernels.quant_linear import INT, PACKED, QuantLinear
+from lowbit.quantize.rtn import rtn
+from lowbit.errors import LowbitError
+
+SCHEMES = [
+    WeightScheme(bits=4, strategy="group", group_size=32),
+    WeightScheme(bits=4, strategy="group", group_size=32, symmetric=False),
+    WeightScheme(bits=3, strategy="channel", group_size=None),
+    WeightScheme(bits=2, strategy="group", group_size=64, symmetric=False),
+    WeightScheme(bits=8, strategy="channel", group_size=None),
+    WeightScheme(bits=8, strategy="group", group_size=32, symmetric=False),
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.bits}b-{s.strategy}-{'sym' if s.symmetric else 'asym'}")
+@pytest.mark.parametrize("act", [None, ActScheme()], ids=["a16", "a8"])
+def test_packed_path_equals_fake_quant(scheme: WeightScheme, act: ActScheme | None) -> None:
+    torch.manual_seed(0)
+    W, b, x = torch.randn(48, 128), torch.randn(48), torch.randn(3, 5, 128)
+    layer = QuantLinear.from_quantized(rtn(W, None, scheme), act, torch.float32, b)
+    assert layer.format == (INT if scheme.bits == 8 else PACKED)
+    x_in = x
+    if act is not None:
+        q, s = quantize_activation_per_token(x)
+        x_in = q.float() * s
+    expected = F.linear(x_in, fake_quantize(W, scheme), b)
+    assert torch.equal(layer(x), expected)
+
+
+def test_activation_quantization_changes_the_output() -> None:
+    torch.manual_seed(0)
+    W, x = torch.randn(16, 64), torch.randn(4, 64)
+    qw = rtn(W, None, SCHEMES[0])
+    a16 = QuantLinear.from_quantized(qw, None, torch.float32)(x)
+    a8 = QuantLinear.from_quantized(qw, ActScheme(), torch.float32)(x)
+    assert not torch.equal(a16, a8)
+    assert (a16 - a8).abs().max() < 0.05 * a16.abs().max()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[:4], ids=str)
+def test_state_dict_round_trip(scheme: WeightScheme) -> None:
+    torch.manual_seed(1)
+    W = torch.randn(40, 128)
+    src = QuantLinear.from_quantized(rtn(W, None, scheme), None, torch.float32)
+    dst = QuantLinear(128, 40, scheme, None, torch.float32)
+    x = torch.randn(2, 128)
+    dst(x)  # fills the dequantized cache, which loading must invalidate
+    dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst(x), src(x))
+    assert torch.equal(dst.quantized_weight().codes, src.quantized_weight().codes)
+
+
+def test_bf16_model_dtype() -> None:
+    torch.manual_seed(2)
+    W = torch.randn(32, 64, dtype=torch.bfloat16)
+    qw = rtn(W, None, SCHEMES[0], torch.bfloat16)
+    layer = QuantLinear.from_quantized(qw, None, torch.bfloat16)
+    assert layer.weight_scale.dtype == torch.bfloat16
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, fake_quantize(W, SCHEMES[0], torch.bfloat16)))
+
+
+def test_backend_resolution() -> None:
+    assert resolve_backend("auto", "cpu") is Backend.TORCH
+    assert resolve_backend(Backend.TORCH, "cpu") is Backend.TORCH
+    with pytest.raises(LowbitError, match="valid: auto, triton, torch"):
+        resolve_backend("cutlass", "cpu")
+    with pytest.raises(LowbitError):
+        resolve_backend("triton", "cpu")
