@@ -1,0 +1,79 @@
+"""``lowbit.load``: a quantized (or float) checkpoint back to a runnable transformers model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from lowbit.errors import LowbitError
+from lowbit.formats.checkpoint import parse_quantization_config, scheme_for
+from lowbit.kernels.dispatch import Backend, resolve_backend
+from lowbit.kernels.quant_linear import QuantLinear
+from lowbit.models.loading import check_model_dir, load_float_model, resolve_model_dir, set_module
+
+
+def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise LowbitError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+    return tensors
+
+
+def load(
+    path: str | Path | None = None, device: str = "cpu", backend: Backend | str = Backend.AUTO
+) -> PreTrainedModel:
+    """Load a lowbit / compressed-tensors checkpoint (or a float HF directory) as a transformers model.
+
+    Quantized linears become :class:`QuantLinear` modules running the kernel ``backend`` resolves to;
+    everything else is the ordinary transformers module with its float weights. Weights are read from
+    safetensors only and no remote code is trusted. Returns the model in eval mode on ``device``.
+    """
+    model_dir = resolve_model_dir(path)
+    config_dict = check_model_dir(model_dir)
+    qc = config_dict.get("quantization_config")
+    if qc is None:
+        return load_float_model(model_dir, device=device)[0]
+    resolve_backend(backend, device)
+    groups, ignore = parse_quantization_config(qc)
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # we build the quantized modules ourselves
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        ls = scheme_for(name, type(module).__name__, groups, ignore)
+        if ls is not None:
+            ql = QuantLinear(module.in_features, module.out_features, ls.weights, ls.activations, dtype, module.bias is not None)
+            set_module(model, name, ql)
+
+    tensors = _read_tensors(model_dir)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        bad = sorted(set(missing) - tied)[:3] or sorted(unexpected)[:3]
+        raise LowbitError(f"checkpoint {model_dir} does not match its config (e.g. {', '.join(bad)})")
+    if tied:
+        model.tie_weights()
+    return model.eval().to(device)
+
+
+def is_quantized_dir(path: Path) -> bool:
+    """True if ``path/config.json`` has a quantization_config."""
+    try:
+        return "quantization_config" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
