@@ -1,0 +1,117 @@
+"""Writing a quantized model: checkpoint + tokenizer + quantize_report.json, atomically.
+
+Everything is written into a temporary directory beside the target and renamed into place only when
+complete, so an interrupted or failed run never leaves a partial output directory. The files are a pure
+function of the inputs (no timestamps, sorted JSON), so the same inputs give byte-identical outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+import lowbit
+from lowbit.formats.checkpoint import WEIGHTS_FILE, LayerScheme, build_quantization_config, write_checkpoint
+from lowbit.kernels.quant_linear import QuantLinear
+from lowbit.quantize.recipe import Recipe
+
+if TYPE_CHECKING:
+    from lowbit.quantize.pipeline import LayerResult
+
+REPORT_FILE = "quantize_report.json"
+
+
+def checkpoint_tensors(model: PreTrainedModel) -> dict[str, Any]:
+    """The model's state dict minus the tied ``lm_head.weight`` (safetensors stores shared tensors once)."""
+    sd = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        for name, _ in model.named_modules():
+            if name.endswith("lm_head"):
+                sd.pop(f"{name}.weight", None)
+    return sd
+
+
+def layer_schemes(model: nn.Module) -> tuple[dict[str, LayerScheme], list[str]]:
+    """(quantized linear name -> scheme, names of the linears left in float)."""
+    layers, ignore = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            layers[name] = LayerScheme(m.scheme, m.act, m.format)
+        elif isinstance(m, nn.Linear):
+            ignore.append(name)
+    return layers, ignore
+
+
+def report_dict(recipe: Recipe, layers: list["LayerResult"], model_dir: Path, calib: dict[str, Any]) -> dict[str, Any]:
+    """The deterministic content of quantize_report.json (no wall times: those go to the terminal)."""
+    n_params = sum(l.params for l in layers)
+    return {
+        "lowbit_version": lowbit.__version__,
+        "model": model_dir.name,
+        "recipe": recipe.to_dict(),
+        "calibration": calib,
+        "bits_per_weight": sum(l.storage_bits for l in layers) / max(n_params, 1),
+        "quantized_params": n_params,
+        "float_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
+        "layers": [asdict(l) for l in layers],
+    }
+
+
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp makes a private (0700) directory; give it and its files the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def write_output(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    recipe: Recipe,
+    layers: list["LayerResult"],
+    model_dir: Path,
+    calib: dict[str, Any],
+    overwrite: bool,
+) -> int:
+    """Write the quantized ``model`` to ``out`` atomically; return the size of its weights file in bytes."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        qlayers, ignore = layer_schemes(model)
+        fallbacks = {l.name: l.fallback for l in layers if l.fallback}
+        info = {"lowbit_version": lowbit.__version__, "recipe": recipe.to_dict(), "group_fallbacks": fallbacks}
+        config = model.config.to_dict()
+        config["quantization_config"] = build_quantization_config(qlayers, ignore, info)
+        write_checkpoint(tmp, checkpoint_tensors(model), config)
+        tokenizer.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and (model_dir / "generation_config.json").exists():
+            shutil.copyfile(model_dir / "generation_config.json", tmp / "generation_config.json")
+        report = report_dict(recipe, layers, model_dir, calib)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        size = (tmp / WEIGHTS_FILE).stat().st_size
+        _apply_umask(tmp)
+        if out.exists():
+            if not overwrite:
+                raise FileExistsError(out)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / "x")
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+        return size
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,115 @@
+"""Human-readable summaries: the table at the end of `quantize model` and `quantize inspect`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lowbit.errors import LowbitError
+from lowbit.formats.checkpoint import WEIGHTS_FILE, parse_quantization_config
+from lowbit.quantize.output import REPORT_FILE
+
+if TYPE_CHECKING:
+    from lowbit.quantize.pipeline import QuantizeResult
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _worst(layers: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
+    return sorted(layers, key=lambda l: l["output_rel_err"], reverse=True)[:top]
+
+
+def _layer_line(l: dict[str, Any]) -> str:
+    g = f"g{l['group_size']}" if l["strategy"] == "group" else l["strategy"]
+    return f"  {l['name']:<40} int{l['bits']} {g:<8} out-err {l['output_rel_err']:.4f}  w-err {l['weight_rel_err']:.4f}"
+
+
+def print_summary(result: "QuantizeResult", top: int = 5) -> None:
+    """Print the end-of-run table: sizes, bits per weight, time, fallbacks, worst layers."""
+    from dataclasses import asdict
+
+    layers = [asdict(l) for l in result.layers]
+    ratio = result.size_before / max(result.size_after, 1)
+    print(f"wrote {result.out}")
+    print(f"  recipe            {result.recipe.name} ({result.recipe.method})")
+    print(f"  size before       {human_bytes(result.size_before)}")
+    print(f"  size after        {human_bytes(result.size_after)}  ({ratio:.2f}x smaller)")
+    print(f"  bits per weight   {result.bits_per_weight:.3f} over {sum(l['shape'][0] * l['shape'][1] for l in layers):,} quantized weights")
+    print(f"  time              {result.seconds:.1f} s")
+    fallbacks = [l for l in layers if l["fallback"]]
+    if fallbacks:
+        print(f"  group fallbacks   {len(fallbacks)} layers (e.g. {fallbacks[0]['name']}: {fallbacks[0]['fallback']})")
+    print(f"worst {min(top, len(layers))} layers by relative output error:")
+    for l in _worst(layers, top):
+        print(_layer_line(l))
+
+
+def inspect_dir(directory: Path) -> dict[str, Any]:
+    """Collect what `quantize inspect` shows from a quantized directory."""
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise LowbitError(f"{directory} has no config.json: not a model directory")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise LowbitError(f"{cfg_path} is not valid JSON: {e}") from None
+    qc = config.get("quantization_config")
+    if qc is None:
+        raise LowbitError(f"{directory} is not quantized (config.json has no quantization_config)")
+    groups, ignore = parse_quantization_config(qc)
+    weights = directory / WEIGHTS_FILE
+    report_path = directory / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    layers = report.get("layers", [])
+    return {
+        "directory": str(directory),
+        "format": qc.get("format"),
+        "format_version": qc.get("lowbit", {}).get("format_version"),
+        "recipe": report.get("recipe", qc.get("lowbit", {}).get("recipe")),
+        "schemes": [
+            {"layers": len(t), "weights": g["weights"], "input_activations": g.get("input_activations"), "format": g.get("format")}
+            for t, g in zip((t for t, _ in groups), qc["config_groups"].values())
+        ],
+        "ignore": ignore,
+        "size_before": report.get("float_bytes"),
+        "size_after": weights.stat().st_size if weights.is_file() else None,
+        "bits_per_weight": report.get("bits_per_weight"),
+        "group_fallbacks": {l["name"]: l["fallback"] for l in layers if l.get("fallback")},
+        "layers": layers,
+    }
+
+
+def print_inspect(info: dict[str, Any], top: int) -> None:
+    """Print :func:`inspect_dir`'s result as text."""
+    print(f"{info['directory']}  (format {info['format']}, lowbit format v{info['format_version']})")
+    if info["recipe"]:
+        print(f"  recipe            {info['recipe']['name']} ({info['recipe']['method']})")
+    for s in info["schemes"]:
+        w, a = s["weights"], s["input_activations"]
+        g = f"group {w['group_size']}" if w["strategy"] == "group" else w["strategy"]
+        act = "float" if a is None else f"int{a['num_bits']} dynamic per-{a['strategy']}"
+        print(f"  {s['layers']:>4} layers      int{w['num_bits']} {g} {'sym' if w['symmetric'] else 'asym'}, activations {act} [{s['format']}]")
+    print(f"  kept in float     {', '.join(info['ignore']) or '-'}")
+    if info["size_before"]:
+        print(f"  size before       {human_bytes(info['size_before'])}")
+    if info["size_after"]:
+        print(f"  size after        {human_bytes(info['size_after'])}")
+    if info["bits_per_weight"]:
+        print(f"  bits per weight   {info['bits_per_weight']:.3f}")
+    fb = info["group_fallbacks"]
+    if fb:
+        print(f"  group fallbacks   {len(fb)} layers:")
+        for reason in sorted(set(fb.values())):
+            print(f"    {sum(1 for v in fb.values() if v == reason):>4} x {reason}")
+    if info["layers"]:
+        print(f"worst {min(top, len(info['layers']))} layers by relative output error:")
+        for l in _worst(info["layers"], top):
+            print(_layer_line(l))
