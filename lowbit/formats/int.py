@@ -12,7 +12,9 @@ Conventions (those of compressed-tensors, so checkpoints load there as they are)
 * asymmetric: ``s = (max - min) / (2^b - 1)`` with the range widened to contain 0,
   ``z = clamp(round(qmin - min / s), qmin, qmax)`` (signed, int8), ``w_hat = s * (q - z)``;
 * rounding is round-half-to-even (torch.round); the scale is cast to its storage dtype *before* codes
-  are computed, so dequantizing stored scales gives exactly the values that were simulated.
+  are computed, and a dequantized value ``s * (q - z)`` is rounded to the scale's dtype (as
+  compressed-tensors computes it, in that dtype), so dequantizing stored tensors gives exactly the values
+  that were simulated, in our loader and in transformers + compressed-tensors alike.
 """
 
 from __future__ import annotations
@@ -59,14 +61,19 @@ def compute_qparams(
         wg = group_view(w, scheme.columns_per_scale(w.shape[1]))
     if scheme.symmetric:
         absmax = wg.abs().amax(dim=-1) * clip  # [out, G]
-        scale = (absmax / scheme.qmax).clamp_min(SCALE_EPS).to(scale_dtype).float()
-        return scale, None
+        return _store(absmax / scheme.qmax, scale_dtype), None
     xmin = wg.amin(dim=-1).clamp_max(0.0) * clip  # the range always contains 0
     xmax = wg.amax(dim=-1).clamp_min(0.0) * clip
     levels = (1 << scheme.bits) - 1
-    scale = ((xmax - xmin) / levels).clamp_min(SCALE_EPS).to(scale_dtype).float()
+    scale = _store((xmax - xmin) / levels, scale_dtype)
     zero = torch.round(scheme.qmin - xmin / scale).clamp(scheme.qmin, scheme.qmax).to(torch.int8)
     return scale, zero
+
+
+def _store(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Round float32 scales to ``scale_dtype`` (never below its smallest normal: no zero or denormal scale)."""
+    floor = max(SCALE_EPS, torch.finfo(scale_dtype).tiny)
+    return scale.clamp_min(floor).to(scale_dtype).float()
 
 
 def expand_groups(t: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -88,20 +95,58 @@ def quantize_codes(
 
 
 def dequantize_codes(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype = torch.float32
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``w_hat = s * (q - z)`` for int8 codes ``[out, in]``; computed in float32, returned in ``dtype``."""
+    """``w_hat = s * (q - z)`` for int8 codes ``[out, in]``.
+
+    The product is exact in float32 (small integer times a 16/32-bit float) and is then rounded once to
+    ``scale_dtype``, which equals computing it in that dtype; the result is returned in ``dtype``.
+    """
     in_features = codes.shape[1]
     q = codes.float()
     if zero is not None:
         q = q - expand_groups(zero, in_features).float()
-    return (q * expand_groups(scale.float(), in_features)).to(dtype)
+    return (q * expand_groups(scale.float(), in_features)).to(scale_dtype).to(dtype)
 
 
 def fake_quantize(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Round ``w [out, in]`` to the grid and back, in ``w``'s dtype (RTN simulation)."""
     scale, zero = compute_qparams(w, scheme, scale_dtype)
-    return dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, w.dtype)
+    return dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, w.dtype, scale_dtype)
+
+
+def mse_clip(
+    w: torch.Tensor,
+    scheme: WeightScheme,
+    scale_dtype: torch.dtype = torch.float32,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+) -> torch.Tensor:
+    """Per-group range shrink factor minimising ``sum |Q(w) - w|^norm`` (GPTQ's "MSE" grid search).
+
+    Candidates are ``p = 1 - i/grid`` for ``i < max_shrink * grid``; returns float32 ``[out, G]`` (``[1, 1]``
+    for a tensor scheme), to pass to :func:`compute_qparams` as ``clip``.
+    """
+    w = w.float()
+    out_f, in_f = w.shape
+    g = in_f if scheme.strategy == "tensor" else scheme.columns_per_scale(in_f)
+    shape = (1, 1) if scheme.strategy == "tensor" else (out_f, in_f // g)
+    best_err = torch.full(shape, float("inf"))
+    best_p = torch.ones(shape)
+    for i in range(int(max_shrink * grid)):
+        p = 1.0 - i / grid
+        scale, zero = compute_qparams(w, scheme, scale_dtype, clip=p)
+        err = dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, torch.float32, scale_dtype) - w
+        err = err.abs().pow(norm).reshape(shape[0], shape[1], -1).sum(-1)  # [out, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+    return best_p
 
 
 def quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the codes stand for, ``[out, in]`` in ``dtype``."""
-        return dequantize_codes(self.codes, self.scale, self.zero, dtype)
+        return dequantize_codes(self.codes, self.scale, self.zero, dtype, self.scale_dtype)
 
     def packed(self) -> torch.Tensor:
         """Codes packed along the input dimension: int32 ``[out, ceil(in*bits/32)]`` (see formats/packing.py)."""

@@ -70,7 +70,9 @@ def test_scale_dtype_rounding_is_shared_by_simulation_and_codes() -> None:
     s = WeightScheme(bits=4, strategy="group", group_size=32)
     scale, zero = compute_qparams(w, s, torch.bfloat16)
     assert torch.equal(scale, scale.to(torch.bfloat16).float())  # representable in bf16
-    assert torch.equal(fake_quantize(w, s, torch.bfloat16), dequantize_codes(quantize_codes(w, scale, zero, s), scale, zero))
+    expected = dequantize_codes(quantize_codes(w, scale, zero, s), scale, zero, torch.float32, torch.bfloat16)
+    assert torch.equal(fake_quantize(w, s, torch.bfloat16), expected)
+    assert torch.equal(expected, expected.to(torch.bfloat16).float())  # dequantized values live in the scale dtype
 
 
 def test_zero_group_does_not_divide_by_zero() -> None:
