@@ -26,6 +26,10 @@ class ArchTable:
             the same input tensor, so they share one Hessian.
         norms: for each pre-norm (path relative to the block), the linears that read its output; the
             transforms use this to fold scalings into the norm gain.
+        attention, mlp: the two residual branches of the pre-norm block
+            ``h = h + attention(norms[0](h)); h = h + mlp(norms[1](h))``, whose last linears are the only
+            members of ``sequential[1]`` and ``sequential[3]``. The staged runner relies on this shape to
+            quantize true-sequentially in a single pass over the calibration data.
     """
 
     blocks: str = "model.layers"
@@ -43,6 +47,8 @@ class ArchTable:
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     )
+    attention: str = "self_attn"
+    mlp: str = "mlp"
 
     @property
     def linears(self) -> tuple[str, ...]:

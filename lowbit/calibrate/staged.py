@@ -1,0 +1,89 @@
+"""True-sequential quantization of a pre-norm decoder block in one pass over the calibration data.
+
+A pre-norm block computes ``h1 = h + attn(norm1(h))`` then ``out = h1 + mlp(norm2(h1))``. Its four
+true-sequential sub-groups of linears read four tensors that appear in that order: ``norm1(h)`` (q/k/v),
+the input of o_proj, ``norm2(h1)`` (gate/up) and the input of down_proj. Running the block stage by stage
+over *all* calibration batches, and letting a callback quantize each sub-group as soon as its input
+statistics are complete, gives every later stage the outputs of the already-quantized earlier linears —
+the semantics of re-running the block once per sub-group (GPTQ's --true-sequential) at the cost of one
+forward pass. The block's outputs fall out of the last stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lowbit.calibrate.runner import BlockInputs
+from lowbit.calibrate.stats import InputStats
+from lowbit.models.arch import ArchTable
+from lowbit.models.loading import get_module
+
+# (index of the sub-group in table.sequential, statistics of its input) -> None; may swap modules in the block.
+GroupCallback = Callable[[int, InputStats], None]
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook once the input of the branch's last linear is captured."""
+
+
+def _input_of_last_linear(block: nn.Module, branch: nn.Module, linear: str, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run ``branch`` on ``x`` up to ``linear`` (a path in ``block``) and return that linear's input."""
+    captured: list[torch.Tensor] = []
+
+    def grab(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        captured.append(args[0])
+        raise _Stop
+
+    handle = get_module(block, linear).register_forward_pre_hook(grab)
+    try:
+        branch(x, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{linear} was not called by its branch: the architecture table does not match the block")
+    return captured[0]
+
+
+def _stats(xs: list[torch.Tensor]) -> InputStats:
+    acc = InputStats(xs[0].shape[-1], xs[0].device)
+    for x in xs:
+        acc.add(x)
+    return acc
+
+
+@torch.inference_mode()
+def run_block_staged(block: nn.Module, table: ArchTable, inputs: BlockInputs, on_group: GroupCallback) -> list[torch.Tensor]:
+    """Run ``block`` stage by stage on every batch, calling ``on_group`` between stages.
+
+    Args:
+        block: a decoder block of the pre-norm shape described by ``table``.
+        inputs: the block's inputs (``[b, L, D]`` per batch) and keyword arguments.
+        on_group: called with (sub-group index 0..3, statistics of that sub-group's input) once all
+            batches have produced the input; it may replace the sub-group's linears in ``block``.
+
+    Returns:
+        the block's outputs ``[b, L, D]`` per batch, computed with whatever modules ``on_group`` installed.
+    """
+    (norm1, _), (norm2, _) = table.norms
+    attn, mlp = get_module(block, table.attention), get_module(block, table.mlp)
+    o_proj, down_proj = table.sequential[1][0], table.sequential[3][0]
+    hidden = inputs.hidden
+
+    xs = [get_module(block, norm1)(h) for h in hidden]
+    on_group(0, _stats(xs))
+    o_in = [_input_of_last_linear(block, attn, o_proj, x, kw) for x, kw in zip(xs, inputs.kwargs)]
+    del xs
+    on_group(1, _stats(o_in))
+    h1 = [h + get_module(block, o_proj)(a) for h, a in zip(hidden, o_in)]
+    del o_in
+    ms = [get_module(block, norm2)(h) for h in h1]
+    on_group(2, _stats(ms))
+    d_in = [_input_of_last_linear(block, mlp, down_proj, m, {}) for m in ms]
+    del ms
+    on_group(3, _stats(d_in))
+    return [h + get_module(block, down_proj)(d) for h, d in zip(h1, d_in)]
