@@ -66,6 +66,7 @@ def model_cmd(
     device: Annotated[str, typer.Option("--device", help="Where each block is processed: cpu or cuda.")] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward call.")] = 8,
+    avg_bits: Annotated[Optional[float], typer.Option("--avg-bits", help="Average bits per weight (scales counted) for a BAQ recipe such as baq-3.5; overrides its budget.")] = None,
     debug: Debug = False,
 ) -> None:
     """Quantize MODEL with a recipe and write a compressed-tensors checkpoint to --out."""
@@ -75,7 +76,8 @@ def model_cmd(
     def go() -> None:
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise LowbitError(f"unknown device {device!r}; valid: cpu, cuda")
-        result = quantize_model(model, recipe, out, calib, samples, calib_seqlen, seed, device, overwrite, batch_size)
+        result = quantize_model(model, recipe, out, calib, samples, calib_seqlen, seed, device, overwrite, batch_size,
+                                avg_bits=avg_bits)
         print_summary(result)
 
     guarded(go)(debug=debug)

@@ -83,6 +83,7 @@ def write_output(
     model_dir: Path,
     calib: dict[str, Any],
     overwrite: bool,
+    extra: dict[str, Any] | None = None,
 ) -> int:
     """Write the quantized ``model`` to ``out`` atomically; return the size of its weights file in bytes."""
     out = out.resolve()
@@ -98,7 +99,7 @@ def write_output(
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and (model_dir / "generation_config.json").exists():
             shutil.copyfile(model_dir / "generation_config.json", tmp / "generation_config.json")
-        report = report_dict(recipe, layers, model_dir, calib)
+        report = {**report_dict(recipe, layers, model_dir, calib), **(extra or {})}
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         size = (tmp / WEIGHTS_FILE).stat().st_size
         _apply_umask(tmp)

@@ -1,14 +1,14 @@
 """The pipeline: calibrate -> (transform) -> round -> pack, one decoder block at a time.
 
-For each block: for every true-sequential sub-group of linears, collect the input Hessian if the
-rounding method needs it (with the earlier sub-groups already quantized), round the sub-group and swap
-in QuantLinear modules; then run the quantized block once more, whose outputs are the next block's
-inputs (errors propagate, as in the GPTQ reference) and whose input statistics give each layer's
-relative output error for the report.
+For each block, the staged runner (calibrate/staged.py) walks the calibration batches through the block
+one true-sequential sub-group at a time; as soon as a sub-group's input Hessian is complete, its linears
+are rounded and swapped for QuantLinear modules, so later sub-groups and the block's outputs (the next
+block's inputs) see the quantized ones: errors propagate, as in the GPTQ reference, in one pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.calibrate.runner import BlockInputs, capture_block_inputs, run_block
+from lowbit.calibrate.runner import BlockInputs, capture_block_inputs
+from lowbit.calibrate.staged import run_block_staged
 from lowbit.calibrate.sources import calibration_texts
 from lowbit.calibrate.stats import InputStats, relative_output_error
 from lowbit.calibrate.windows import calibration_windows
@@ -28,9 +29,10 @@ from lowbit.formats.scheme import WeightScheme
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.models.arch import ArchTable
 from lowbit.models.loading import get_module, load_float_model, set_module
+from lowbit.quantize import baq
 from lowbit.quantize.output import write_output
 from lowbit.quantize.recipe import Recipe, load_recipe
-from lowbit.quantize.rounding import ROUNDERS, RoundingMethod
+from lowbit.quantize.methods import ROUNDERS
 
 
 @dataclass
@@ -46,6 +48,8 @@ class LayerResult:
     storage_bits: int
     weight_rel_err: float
     output_rel_err: float
+    loss: float | None = None
+    note: str | None = None
 
     @property
     def params(self) -> int:
@@ -95,56 +99,86 @@ def quantize_block(
     inputs: BlockInputs,
     table: ArchTable,
     recipe: Recipe,
-    method: RoundingMethod,
     dtype: torch.dtype,
+    scale_dtype: torch.dtype,
+    widths: dict[str, int] | None = None,
 ) -> tuple[list[torch.Tensor], list[LayerResult]]:
-    """Quantize the linears of one block in place; return the block's outputs and the per-layer results."""
-    names = [n for n in table.linears if not is_ignored(f"{prefix}.{n}", recipe.ignore)]
-    groups = [g for g in ([n for n in group if n in names] for group in table.sequential) if g]
-    originals: dict[str, torch.Tensor] = {}
-    hessians: dict[str, torch.Tensor] = {}
-    schemes: dict[str, WeightScheme] = {}
-    device = inputs.hidden[0].device
-    for group in groups:
-        if method.needs_hessian:  # inputs as seen with the earlier sub-groups already quantized
-            first = get_module(block, group[0])
-            acc = InputStats(first.in_features, device)
-            run_block(block, inputs, {group[0]: acc}, {group[0]: first}, keep_outputs=False)
-            hessians.update({n: acc.hessian() for n in group})
-        for n in group:
+    """Quantize the linears of one block in place, true-sequentially; return its outputs and per-layer results.
+
+    Args:
+        widths: full layer name -> code width chosen by bit allocation (overrides ``recipe.weights.bits``).
+    """
+    method = ROUNDERS[recipe.method]
+    results: list[LayerResult] = []
+
+    def on_group(index: int, stats: InputStats) -> None:
+        names = [n for n in table.sequential[index] if not is_ignored(f"{prefix}.{n}", recipe.ignore)]
+        if not names:
+            return
+        H = stats.hessian()
+        for n in names:
             linear = get_module(block, n)
             W = linear.weight.data
-            originals[n] = W
-            schemes[n] = recipe.weights.for_layer(W.shape[1])
-            qw = method.fn(W, hessians.get(n), schemes[n], dtype)
+            requested = recipe.weights
+            if widths is not None:
+                requested = dataclasses.replace(requested, bits=widths[f"{prefix}.{n}"])
+            scheme = requested.for_layer(W.shape[1])
+            res = method.fn(W, H if method.needs_hessian else None, scheme, scale_dtype, recipe.rounding)
             bias = linear.bias.data if linear.bias is not None else None
-            set_module(block, n, QuantLinear.from_quantized(qw, recipe.activations, dtype, bias).to(device))
-    # Final pass on the quantized block: its outputs feed the next block. For methods that collected no
-    # Hessian, hooks gather each sub-group's (true-sequential) input statistics for the error report.
-    stats = {} if method.needs_hessian else {g[0]: InputStats(get_module(block, g[0]).in_features, device) for g in groups}
-    outputs = run_block(block, inputs, stats, {g[0]: get_module(block, g[0]) for g in groups})
-    for g in groups:
-        if g[0] in stats:
-            hessians.update({n: stats[g[0]].hessian() for n in g})
-    results = []
-    for n in names:
-        ql = get_module(block, n)
-        W, W_hat = originals[n], ql.dequantized_weight()
-        results.append(
-            LayerResult(
-                name=f"{prefix}.{n}",
-                shape=(ql.out_features, ql.in_features),
-                bits=schemes[n].bits,
-                strategy=schemes[n].strategy,
-                group_size=schemes[n].group_size,
-                fallback=_fallback_note(recipe.weights, schemes[n], ql.in_features),
-                storage_bits=ql.quantized_weight().storage_bits(),
-                weight_rel_err=float((W.float() - W_hat.float()).norm() / W.float().norm().clamp_min(1e-30)),
-                output_rel_err=relative_output_error(W, W_hat, hessians[n]),
+            ql = QuantLinear.from_quantized(res.qweight, recipe.activations, dtype, bias).to(W.device)
+            W_hat = res.qweight.dequantize(torch.float32)
+            results.append(
+                LayerResult(
+                    name=f"{prefix}.{n}",
+                    shape=(ql.out_features, ql.in_features),
+                    bits=scheme.bits,
+                    strategy=scheme.strategy,
+                    group_size=scheme.group_size,
+                    fallback=_fallback_note(requested, scheme, ql.in_features),
+                    storage_bits=res.qweight.storage_bits(),
+                    weight_rel_err=float((W.float() - W_hat).norm() / W.float().norm().clamp_min(1e-30)),
+                    output_rel_err=relative_output_error(W, W_hat, H),
+                    loss=res.loss,
+                    note=res.note,
+                )
             )
-        )
-        ql._w_hat = None  # free the dequantized copy; the packed codes are what is kept
+            set_module(block, n, ql)
+
+    outputs = run_block_staged(block, table, inputs, on_group)
+    for r in results:
+        get_module(block, r.name[len(prefix) + 1 :])._w_hat = None  # keep the packed codes, not a float copy
     return outputs, results
+
+
+def bit_allocation(
+    model: nn.Module, table: ArchTable, windows: torch.Tensor, recipe: Recipe, scale_dtype: torch.dtype,
+    batch_size: int, device: str, progress: bool,
+) -> tuple[dict[str, int], dict[str, float]]:
+    """BAQ's sensitivity pass over the float model, then the allocation: (widths, closed-form rates) per layer."""
+    assert recipe.baq is not None
+    opts = recipe.baq
+    widths = tuple(sorted(set(opts.widths) | {recipe.weights.bits}))
+    n = windows.shape[0] if opts.samples is None else min(opts.samples, windows.shape[0])
+    inputs = capture_block_inputs(model, table, windows[:n], batch_size, device)
+    blocks = get_module(model, table.blocks)
+    layers: list[baq.LayerSensitivity] = []
+    for i in tqdm(range(len(blocks)), desc="sensitivity", unit="block", disable=not progress):
+        block, prefix = blocks[i].to(device), f"{table.blocks}.{i}"
+
+        def on_group(index: int, stats: InputStats) -> None:
+            for n in table.sequential[index]:
+                if not is_ignored(f"{prefix}.{n}", recipe.ignore):
+                    W = get_module(block, n).weight.data
+                    scheme = recipe.weights.for_layer(W.shape[1])
+                    layers.append(baq.measure(f"{prefix}.{n}", W, stats, scheme, widths, scale_dtype))
+
+        inputs.hidden = run_block_staged(block, table, inputs, on_group)
+        blocks[i] = block.to("cpu")
+    choice, rates = baq.allocate(layers, opts.avg_bits, recipe.weights.bits, opts.theta)
+    allowed = set(opts.widths)
+    if not set(choice.values()) <= allowed:  # the reference width was measured but is not allowed
+        raise LowbitError(f"BAQ chose widths outside {sorted(allowed)}: add the recipe's weights.bits to baq.widths")
+    return choice, rates
 
 
 def quantize_model(
@@ -159,6 +193,7 @@ def quantize_model(
     overwrite: bool = False,
     batch_size: int = 8,
     progress: bool = True,
+    avg_bits: float | None = None,
 ) -> QuantizeResult:
     """Quantize a Hugging Face causal LM and write a compressed-tensors checkpoint to ``out``.
 
@@ -174,29 +209,35 @@ def quantize_model(
         overwrite: replace an existing ``out``.
         batch_size: calibration windows per forward call.
         progress: show progress bars.
+        avg_bits: override the average-bit budget of a BAQ recipe.
     """
     t0 = time.perf_counter()
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    if avg_bits is not None:
+        recipe = recipe.with_avg_bits(avg_bits)
     out = Path(out)
     if out.exists() and not overwrite:
         raise LowbitError(f"output directory {out} already exists; pass --overwrite to replace it")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LowbitError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    method = ROUNDERS[recipe.method]
     torch.manual_seed(seed)
     texts = calibration_texts(calib)  # read before the (slow) model load so a bad --calib fails fast
     fmodel, tokenizer, table, model_dir = load_float_model(model)
     windows = calibration_windows(texts, tokenizer, samples, calib_seqlen, seed)
     dtype = next(fmodel.parameters()).dtype
+    scale_dtype = recipe.resolved_scale_dtype(dtype)
     size_before = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
+    widths, rates = None, None
+    if recipe.baq is not None:
+        widths, rates = bit_allocation(fmodel, table, windows, recipe, scale_dtype, batch_size, device, progress)
     inputs = capture_block_inputs(fmodel, table, windows, batch_size, device)
     blocks = get_module(fmodel, table.blocks)
     layers: list[LayerResult] = []
     bar = tqdm(range(len(blocks)), desc=f"quantize {recipe.name}", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i].to(device)
-        outputs, results = quantize_block(block, f"{table.blocks}.{i}", inputs, table, recipe, method, dtype)
+        outputs, results = quantize_block(block, f"{table.blocks}.{i}", inputs, table, recipe, dtype, scale_dtype, widths)
         blocks[i] = block.to("cpu")
         inputs.hidden = outputs
         layers.extend(results)
@@ -204,5 +245,6 @@ def quantize_model(
     del inputs
 
     calib_info = {"source": str(calib) if calib else "default", "samples": samples, "seqlen": calib_seqlen, "seed": seed}
-    size_after = write_output(fmodel, tokenizer, out, recipe, layers, model_dir, calib_info, overwrite)
-    return QuantizeResult(out, recipe, layers, size_before, size_after, time.perf_counter() - t0)
+    extra = {} if rates is None else {"baq_closed_form_rates": rates}
+    size_after = write_output(fmodel, tokenizer, out, recipe, layers, model_dir, calib_info, overwrite, extra)
+    return QuantizeResult(out, recipe, layers, size_before, size_after, time.perf_counter() - t0, extra)

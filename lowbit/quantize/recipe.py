@@ -13,11 +13,76 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from lowbit.errors import LowbitError
-from lowbit.formats.scheme import ActScheme, WeightScheme
-from lowbit.quantize.rounding import ROUNDERS
+from lowbit.formats.scheme import INT_BITS, ActScheme, WeightScheme
+from lowbit.quantize.methods import ROUNDERS
+
+
+ORDERS = ("actorder", "gar", "natural")
+SCALE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class RoundingOptions:
+    """Options of the rounding methods (GPTQ uses all; RTN uses the clipping search only).
+
+    Attributes:
+        damp: relative damping, added to H's diagonal as ``damp * mean(diag H)``.
+        block_size: GPTQ's lazy-update block (columns).
+        order: column order: "actorder" (descending diag H, with static groups), "gar" (group-aware:
+            groups by their largest diag H, columns inside a group by diag H) or "natural".
+        static_groups: group scales computed once from the original W (required with "actorder"); otherwise
+            each group's scale is computed when GPTQ reaches it, from the already-updated weights.
+        mse_clip: search each group's range shrink factor p in [1 - max_shrink, 1] that minimises
+            ``sum |Q(w) - w|^clip_norm`` (GPTQ's "MSE" option).
+        clip_grid, max_shrink, clip_norm: that search's grid size, range and norm.
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    order: str = "actorder"
+    static_groups: bool = True
+    mse_clip: bool = False
+    clip_grid: int = 100
+    max_shrink: float = 0.8
+    clip_norm: float = 2.4
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise LowbitError(f"unknown rounding order {self.order!r}; valid: {', '.join(ORDERS)}")
+        if self.order == "actorder" and not self.static_groups:
+            raise LowbitError("order 'actorder' needs static_groups: true (the checkpoint keeps the natural group index)")
+        if not 0 <= self.damp < 1 or self.block_size < 1 or not 0 < self.max_shrink < 1 or self.clip_grid < 1:
+            raise LowbitError("rounding options out of range: 0 <= damp < 1, block_size >= 1, 0 < max_shrink < 1, clip_grid >= 1")
+
+
+@dataclass(frozen=True)
+class BAQOptions:
+    """Bit allocation (BAQ) under an average budget.
+
+    Attributes:
+        avg_bits: the budget: average storage bits per quantized weight, codes plus scales and zero points.
+        widths: the integer code widths a layer may get.
+        theta: exponent of the loss model ``L(R) = L(R_ref) * 2^(-theta (R - R_ref))`` of the closed form.
+        samples: calibration windows used to measure the sensitivities (None: all of them).
+    """
+
+    avg_bits: float = 3.5
+    widths: tuple[int, ...] = (2, 3, 4, 8)
+    theta: float = 1.95
+    samples: int | None = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(sorted(self.widths)))
+        if not self.widths or any(b not in INT_BITS for b in self.widths):
+            raise LowbitError(f"BAQ widths must be a non-empty subset of {INT_BITS}, got {self.widths}")
+        if not self.widths[0] <= self.avg_bits:
+            raise LowbitError(f"avg_bits {self.avg_bits} is below the narrowest width {self.widths[0]}")
+        if self.theta <= 0 or (self.samples is not None and self.samples < 1):
+            raise LowbitError("BAQ theta must be > 0 and samples >= 1")
 
 
 @dataclass(frozen=True)
@@ -30,6 +95,11 @@ class Recipe:
         weights: scheme of every quantized linear weight.
         activations: dynamic activation scheme of every quantized linear, or None (weight-only).
         method: rounding method, a key of ``lowbit.quantize.rounding.ROUNDERS``.
+        rounding: the rounding method's options.
+        baq: bit allocation; when set, each layer's width comes from BAQ and ``weights.bits`` is the
+            reference width of its sensitivity measurement.
+        scale_dtype: dtype the scales are stored in; "auto" is the model dtype for 16-bit models and float16
+            for float32 models (float32 scales would cost 32/group bits per weight for no accuracy).
         ignore: linears kept in float, by module path suffix or ``re:`` regex (the embeddings are never
             quantized: they are not linears).
     """
@@ -39,39 +109,59 @@ class Recipe:
     weights: WeightScheme = field(default_factory=WeightScheme)
     activations: ActScheme | None = None
     method: str = "rtn"
+    rounding: RoundingOptions = field(default_factory=RoundingOptions)
+    baq: BAQOptions | None = None
+    scale_dtype: str = "auto"
     ignore: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self) -> None:
         if self.method not in ROUNDERS:
             raise LowbitError(f"unknown rounding method {self.method!r}; valid: {', '.join(sorted(ROUNDERS))}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise LowbitError(f"unknown scale_dtype {self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
+
+    def resolved_scale_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype scales are stored in for a model of ``model_dtype``."""
+        if self.scale_dtype != "auto":
+            return getattr(torch, self.scale_dtype)
+        return model_dtype if torch.finfo(model_dtype).bits == 16 else torch.float16
+
+    def with_avg_bits(self, avg_bits: float) -> "Recipe":
+        """This recipe with another BAQ budget (``--avg-bits``); an error for a recipe without BAQ."""
+        if self.baq is None:
+            raise LowbitError(f"--avg-bits needs a BAQ recipe; {self.name!r} allocates no bits")
+        return dataclasses.replace(self, baq=dataclasses.replace(self.baq, avg_bits=avg_bits))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (the inverse of :func:`recipe_from_dict`)."""
         d = dataclasses.asdict(self)
         d["ignore"] = list(self.ignore)
+        if self.baq is not None:
+            d["baq"]["widths"] = list(self.baq.widths)
         return d
 
+
+INT4_G128 = WeightScheme(bits=4, strategy="group", group_size=128, symmetric=True)
+GPTQ = "gptq"
 
 PRESETS: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe(
-            "w4a16",
-            "INT4 weights, symmetric, group 128 (per-layer fallback to a dividing power-of-two group), float activations",
-            WeightScheme(bits=4, strategy="group", group_size=128, symmetric=True),
-        ),
-        Recipe(
-            "w8a8",
-            "INT8 per-channel symmetric weights, INT8 dynamic per-token symmetric activations",
-            WeightScheme(bits=8, strategy="channel", group_size=None, symmetric=True),
-            ActScheme(),
-        ),
-        Recipe(
-            "w4a8",
-            "INT4 group-128 symmetric weights (as w4a16), INT8 dynamic per-token activations",
-            WeightScheme(bits=4, strategy="group", group_size=128, symmetric=True),
-            ActScheme(),
-        ),
+        Recipe("w4a16", "INT4 symmetric group-128 weights (group fallback per layer), GPTQ act-order + static groups, float activations",
+               INT4_G128, method=GPTQ),
+        Recipe("w8a8", "INT8 per-channel symmetric weights (RTN), INT8 dynamic per-token symmetric activations",
+               WeightScheme(bits=8, strategy="channel", group_size=None, symmetric=True), ActScheme()),
+        Recipe("w4a8", "INT4 group-128 symmetric weights (GPTQ, as w4a16), INT8 dynamic per-token activations",
+               INT4_G128, ActScheme(), method=GPTQ),
+        Recipe("w3a16", "INT3 symmetric group-128 weights, GPTQ act-order + static groups",
+               WeightScheme(bits=3, strategy="group", group_size=128), method=GPTQ),
+        Recipe("w2a16", "INT2 asymmetric group-64 weights, GPTQ act-order + static groups, MSE clipping",
+               WeightScheme(bits=2, strategy="group", group_size=64, symmetric=False), method=GPTQ,
+               rounding=RoundingOptions(mse_clip=True)),
+        Recipe("baq-3.5", "BAQ: per-layer widths from {2,3,4,8} at 3.5 average bits (scales counted), GPTQ rounding",
+               INT4_G128, method=GPTQ, baq=BAQOptions(avg_bits=3.5)),
+        Recipe("w4a16-rtn", "INT4 symmetric group-128 weights by round-to-nearest (the baseline GPTQ improves on)",
+               INT4_G128),
     )
 }
 
@@ -99,6 +189,13 @@ def recipe_from_dict(data: Any) -> Recipe:
         d["weights"] = _build(WeightScheme, d["weights"], "recipe.weights")
     if d.get("activations") is not None:
         d["activations"] = _build(ActScheme, d["activations"], "recipe.activations")
+    if "rounding" in d:
+        d["rounding"] = _build(RoundingOptions, d["rounding"], "recipe.rounding")
+    if d.get("baq") is not None:
+        baq = dict(d["baq"]) if isinstance(d["baq"], dict) else d["baq"]
+        if isinstance(baq, dict) and isinstance(baq.get("widths"), list):
+            baq["widths"] = tuple(baq["widths"])
+        d["baq"] = _build(BAQOptions, baq, "recipe.baq")
     if "ignore" in d:
         if not isinstance(d["ignore"], (list, tuple)) or not all(isinstance(x, str) for x in d["ignore"]):
             raise LowbitError("recipe.ignore must be a list of strings")

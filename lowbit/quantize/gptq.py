@@ -1,0 +1,187 @@
+"""GPTQ: column-by-column rounding with optimal compensation of the not-yet-quantized columns.
+
+A pure function of (W, H, scheme, options), following IST-DASLab's ``fasterquant`` (ALGORITHMS.md §1.3)
+with GPTQModel's robust Cholesky (§1.6). Codes are written at each column's natural index and group
+scales belong to natural groups, so the checkpoint needs no runtime permutation whatever the order:
+
+* "actorder" + static groups: scales from the original W, columns in descending ``diag(H)``;
+* "gar" (group-aware reordering): groups by their largest ``diag(H)``, columns inside a group likewise;
+  a group's columns stay contiguous, so its scale can be computed when GPTQ reaches it (static_groups
+  False), from weights that already carry the earlier columns' compensation;
+* "natural": the reference order.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from lowbit.formats.int import compute_qparams, expand_groups, mse_clip
+from lowbit.formats.qtensor import QuantizedWeight
+from lowbit.formats.scheme import WeightScheme
+from lowbit.quantize.rounding import RoundResult, register_rounder
+from lowbit.quantize.rtn import rtn_weight
+
+if TYPE_CHECKING:
+    from lowbit.quantize.recipe import RoundingOptions
+
+DAMP_STEP = 0.01  # GPTQModel's damp_auto_increment
+FLOOR_TRIES = 6  # diagonal floors 1e-6 .. 1e-1 of max|diag H|
+
+
+def column_order(diag: torch.Tensor, group_size: int, order: str) -> torch.Tensor:
+    """Processing order of the ``in`` columns (a permutation, int64 ``[in]``) from ``diag(H)`` ``[in]``."""
+    n = diag.numel()
+    if order == "natural":
+        return torch.arange(n)
+    if order == "actorder" or group_size >= n:
+        return torch.argsort(diag, descending=True, stable=True)
+    groups = diag.view(n // group_size, group_size)  # [G, g]
+    group_rank = torch.argsort(groups.amax(dim=1), descending=True, stable=True)
+    inner = torch.argsort(groups, dim=1, descending=True, stable=True)  # [G, g]
+    return (group_rank[:, None] * group_size + inner[group_rank]).reshape(-1)
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, str | None]:
+    """Upper Cholesky factor ``U`` of ``(H + damping)^-1`` (float32 ``[in, in]``), robustly.
+
+    Tries the relative damping ``damp * mean(diag H)``, raising it by 0.01 while Cholesky fails; then the
+    same again on top of a diagonal floor of 1e-6 .. 1e-1 of ``max(diag H)``. Returns (None, reason)
+    when everything fails, else (U, a note if anything beyond the plain damping was needed).
+    """
+    n = H.shape[0]
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    max_diag = float(H.diagonal().abs().max())
+    for k in range(FLOOR_TRIES + 1):
+        Hk = H
+        if k:
+            f = 1e-6 * max(max_diag, 1e-12) * 10 ** (k - 1)
+            Hk = H.clone()
+            Hk.diagonal().copy_((H.diagonal() + f).clamp_min(f))
+        mean_diag = float(Hk.diagonal().mean())
+        d = damp
+        while d < 1:
+            L, info = torch.linalg.cholesky_ex(Hk + (d * mean_diag) * eye)
+            if int(info) == 0:
+                U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+                if int(info) == 0 and bool(torch.isfinite(U).all()):
+                    note = None
+                    if k or d > damp:
+                        note = f"Hessian not positive definite: damping {d:.2f}" + (f", diagonal floor 1e-{7 - k}·max" if k else "")
+                    return U, note
+            d = round(d + DAMP_STEP, 6)
+    return None, "Hessian could not be factorised at any damping"
+
+
+def _group_params(
+    cols: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point ``[out, 1]`` of one group of columns ``[out, g]``."""
+    per_row = WeightScheme(scheme.format, scheme.bits, "channel", None, scheme.symmetric)
+    clip = 1.0
+    if options.mse_clip:
+        clip = mse_clip(cols, per_row, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm)
+    return compute_qparams(cols, per_row, scale_dtype, clip)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the column loop on one thread: its ops are too small to share, and with the cores busy
+    (another job, or the OpenMP pool of a second process) two threads made it 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@register_rounder("gptq", needs_hessian=True)
+def gptq(
+    W: torch.Tensor,
+    H: torch.Tensor | None,
+    scheme: WeightScheme,
+    scale_dtype: torch.dtype = torch.float32,
+    options: "RoundingOptions | None" = None,
+) -> RoundResult:
+    """Quantize ``W [out, in]`` with GPTQ given ``H = X^T X / n`` (float32 ``[in, in]``).
+
+    Never raises on a bad Hessian: damping is escalated, then a diagonal floor is added, and if the
+    factorisation still fails (or the loss is not finite) the layer falls back to RTN; ``note`` says so.
+    """
+    from lowbit.quantize.recipe import RoundingOptions
+
+    options = options or RoundingOptions()
+    if H is None:
+        raise ValueError("gptq needs the input Hessian H")
+    with _one_thread():
+        return _gptq(W, H, scheme.for_layer(W.shape[1]), scale_dtype, options)
+
+
+def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions") -> RoundResult:
+    """The body of :func:`gptq` (scheme already resolved for the layer)."""
+    out_f, in_f = W.shape
+    W = W.float().clone()
+    H = H.float().clone()
+    dead = H.diagonal() == 0  # inputs that were always zero: any weight is fine, use 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    grouped = scheme.strategy == "group"
+    gs = scheme.columns_per_scale(in_f) if scheme.strategy != "tensor" else in_f
+    static = options.static_groups or not grouped
+    perm = column_order(H.diagonal(), gs, options.order)
+    U, note = inverse_hessian_factor(H[perm][:, perm], options.damp)
+    if U is None:
+        return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, f"{note}: fell back to RTN")
+
+    if static:
+        clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm) if options.mse_clip else 1.0
+        scale, zero = compute_qparams(W, scheme, scale_dtype, clip)  # [out|1, G]
+    else:
+        scale = torch.empty(out_f, in_f // gs)
+        zero = None if scheme.symmetric else torch.empty(out_f, in_f // gs, dtype=torch.int8)
+    # Blocks hold whole groups when group scales are computed on the fly, so a group's up-to-date
+    # weights are all inside the current block copy W1 (ALGORITHMS.md §1.6, the intra-block pitfall).
+    B = options.block_size if static else max(gs, options.block_size // gs * gs)
+
+    Wp = W[:, perm]  # [out, in] in processing order
+    codes = torch.empty(out_f, in_f, dtype=torch.int8)
+    loss = torch.zeros(out_f)
+    for i1 in range(0, in_f, B):
+        i2 = min(i1 + B, in_f)
+        W1, U1 = Wp[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        if static:  # per-column scale / zero of this block, natural group of each column
+            s_cols = expand_groups(scale, in_f)[:, perm[i1:i2]].expand(out_f, -1)
+            z_cols = None if zero is None else expand_groups(zero, in_f)[:, perm[i1:i2]].float()
+        for i in range(i2 - i1):
+            j = int(perm[i1 + i])
+            if static:
+                s, z = s_cols[:, i], (None if z_cols is None else z_cols[:, i])
+            else:
+                g = j // gs
+                if (i1 + i) % gs == 0:  # a group starts: its scale from the compensated weights
+                    s_g, z_g = _group_params(W1[:, i : i + gs], scheme, scale_dtype, options)
+                    scale[:, g] = s_g[:, 0]
+                    if zero is not None:
+                        zero[:, g] = z_g[:, 0]
+                s, z = scale[:, g], (None if zero is None else zero[:, g].float())
+            w = W1[:, i]
+            q = torch.round(w / s) if z is None else torch.round(w / s) + z
+            q = q.clamp(scheme.qmin, scheme.qmax)
+            codes[:, j] = q.to(torch.int8)
+            dq = ((q if z is None else q - z) * s).to(scale_dtype).float()  # exactly what dequantize gives
+            d = U1[i, i]
+            err = (w - dq) / d
+            loss += (w - dq).pow(2) / d.pow(2) / 2
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        Wp[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of all later columns
+
+    total = float(loss.sum())
+    if not torch.isfinite(torch.tensor(total)):
+        return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, "GPTQ loss not finite: fell back to RTN")
+    return RoundResult(QuantizedWeight(codes, scale, zero, scheme, scale_dtype), total, note)

@@ -1,0 +1,100 @@
+"""BAQ: the closed form keeps the average, the rounding meets the budget (scales counted) and spends it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.calibrate.stats import InputStats
+from lowbit.errors import LowbitError
+from lowbit.formats.scheme import WeightScheme
+from lowbit.quantize.baq import LayerSensitivity, allocate, closed_form_rates, measure
+from lowbit.quantize.recipe import PRESETS
+
+WIDTHS = (2, 3, 4, 8)
+
+
+def _layers(seed: int = 0, n: int = 12) -> list[LayerSensitivity]:
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(n):
+        params = int(torch.randint(1, 5, (1,), generator=g)) * 4096
+        base = float(torch.rand(1, generator=g)) * 10 ** float(torch.randint(-3, 3, (1,), generator=g))
+        loss = {b: base * 2.0 ** (-2 * (b - 4)) for b in WIDTHS}
+        cost = {b: params * b + params // 64 * 16 for b in WIDTHS}  # fp16 scale per 64 weights
+        layers.append(LayerSensitivity(f"l{i}", params, loss, cost))
+    return layers
+
+
+def test_closed_form_averages_to_reference() -> None:
+    layers = _layers()
+    rates = closed_form_rates(layers, 4, 1.95)
+    total = sum(l.params for l in layers)
+    assert sum(l.params * rates[l.name] for l in layers) / total == pytest.approx(4.0)
+    # more loss per weight -> more bits
+    per_weight = sorted(layers, key=lambda l: l.loss[4] / l.params)
+    assert [rates[l.name] for l in per_weight] == sorted(rates[l.name] for l in per_weight)
+
+
+@pytest.mark.parametrize("avg_bits", [2.6, 3.0, 3.5, 4.25, 6.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_budget_met_after_rounding(avg_bits: float, seed: int) -> None:
+    layers = _layers(seed)
+    choice, _ = allocate(layers, avg_bits, 4, 1.95)
+    total = sum(l.params for l in layers)
+    spent = sum(l.cost[choice[l.name]] for l in layers)
+    assert spent <= avg_bits * total
+    assert set(choice.values()) <= set(WIDTHS)
+    # and nothing is left on the table: no single layer could step up within the budget
+    for l in layers:
+        i = WIDTHS.index(choice[l.name])
+        if i + 1 < len(WIDTHS):
+            assert spent + l.cost[WIDTHS[i + 1]] - l.cost[choice[l.name]] > avg_bits * total
+
+
+def test_allocation_prefers_sensitive_layers() -> None:
+    layers = _layers(3)
+    choice, _ = allocate(layers, 3.5, 4, 1.95)
+    ranked = sorted(layers, key=lambda l: l.loss[4] / l.params)
+    assert choice[ranked[-1].name] >= choice[ranked[0].name]
+
+
+def test_impossible_budget_is_a_clear_error() -> None:
+    with pytest.raises(LowbitError, match="cannot be met"):
+        allocate(_layers(), 2.0, 4, 1.95)  # 2-bit codes alone cost 2 bits, plus scales
+
+
+def test_measure_is_the_hessian_proxy() -> None:
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 64, generator=g)
+    stats = InputStats(64, "cpu")
+    stats.add(torch.randn(256, 64, generator=g))
+    s = measure("x", W, stats, WeightScheme(bits=4, strategy="group", group_size=32), WIDTHS, torch.float16)
+    assert s.loss[2] > s.loss[3] > s.loss[4] > s.loss[8] > 0
+    assert s.cost[4] == 16 * 64 * 4 + 16 * 2 * 16  # codes + two fp16 scales per row
+
+
+def test_baq_end_to_end(tmp_path: Path, stories_dir: Path) -> None:
+    out = tmp_path / "baq"
+    result = lowbit.quantize_model(stories_dir, PRESETS["baq-3.5"], out, samples=8, calib_seqlen=64, progress=False, avg_bits=3.6)
+    assert result.bits_per_weight <= 3.6
+    widths = {l.bits for l in result.layers}
+    assert len(widths) > 1  # a mix, stored per layer
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    stored = {g["weights"]["num_bits"] for g in qc["config_groups"].values()}
+    assert stored == widths
+    model = lowbit.load(out)
+    by_name = dict(model.named_modules())
+    for l in result.layers:
+        assert by_name[l.name].scheme.bits == l.bits
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert set(report["baq_closed_form_rates"]) == {l.name for l in result.layers}
+
+
+def test_avg_bits_needs_a_baq_recipe(stories_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(LowbitError, match="BAQ"):
+        lowbit.quantize_model(stories_dir, "w4a16", tmp_path / "x", avg_bits=3.0, progress=False)

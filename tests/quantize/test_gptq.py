@@ -1,0 +1,124 @@
+"""GPTQ: never worse than RTN on its own objective, robust to bad Hessians, natural group layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.formats.scheme import WeightScheme
+from lowbit.quantize.gptq import column_order, gptq, inverse_hessian_factor
+from lowbit.quantize.recipe import RoundingOptions
+from lowbit.quantize.rtn import rtn_weight
+
+
+def _problem(seed: int, n: int = 2048, k: int = 128, out: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correlated inputs (as in real activations) and a weight matrix."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    X = (torch.randn(n, k, generator=g) * torch.rand(k, generator=g) * 3) @ mix
+    return torch.randn(out, k, generator=g), X.T @ X / n
+
+
+def _proxy(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    d = W - W_hat
+    return float(torch.einsum("oi,ij,oj->", d, H, d))
+
+
+SCHEMES = [
+    WeightScheme(bits=4, strategy="group", group_size=32),
+    WeightScheme(bits=3, strategy="group", group_size=64, symmetric=False),
+    WeightScheme(bits=2, strategy="channel", group_size=None, symmetric=False),
+    WeightScheme(bits=8, strategy="channel", group_size=None),
+]
+OPTIONS = [
+    RoundingOptions(),
+    RoundingOptions(order="gar", static_groups=False),
+    RoundingOptions(order="natural", static_groups=False, mse_clip=True),
+    RoundingOptions(order="gar", static_groups=True, block_size=16),
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.bits}b-{s.strategy}")
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: f"{o.order}-static{o.static_groups}-mse{o.mse_clip}")
+@pytest.mark.parametrize("seed", [0])
+def test_gptq_beats_rtn(scheme: WeightScheme, options: RoundingOptions, seed: int) -> None:
+    W, H = _problem(seed)
+    res = gptq(W, H, scheme, torch.float32, options)
+    assert res.note is None
+    rtn = rtn_weight(W, scheme, torch.float32, options)
+    assert _proxy(W, res.qweight.dequantize(), H) < _proxy(W, rtn.dequantize(), H)
+    assert res.qweight.codes.min() >= scheme.qmin and res.qweight.codes.max() <= scheme.qmax
+    # The reported loss is GPTQ's objective; it is within a factor of the proxy error it bounds.
+    assert res.loss is not None and res.loss > 0
+
+
+def test_diagonal_hessian_gives_rtn_codes() -> None:
+    """With no correlation there is nothing to compensate: static-group GPTQ equals RTN in any order."""
+    W, _ = _problem(3)
+    H = torch.diag(torch.rand(128) + 0.5)
+    scheme = SCHEMES[0]
+    for order in ("actorder", "gar", "natural"):
+        res = gptq(W, H, scheme, torch.float32, RoundingOptions(order=order, static_groups=True))
+        assert torch.equal(res.qweight.codes, rtn_weight(W, scheme).codes)
+
+
+def test_static_actorder_keeps_natural_groups() -> None:
+    W, H = _problem(4)
+    scheme = SCHEMES[0]
+    res = gptq(W, H, scheme, torch.float32, RoundingOptions(order="actorder"))
+    # static groups: the scales are RTN's scales of the original W, in natural group order
+    assert torch.equal(res.qweight.scale, rtn_weight(W, scheme).scale)
+
+
+@pytest.mark.parametrize(
+    "H",
+    [
+        torch.zeros(128, 128),  # a layer that never saw a nonzero input
+        torch.ones(128, 128),  # rank 1
+        torch.diag(torch.cat([torch.ones(64), torch.zeros(64)])),  # half the inputs dead
+    ],
+    ids=["zero", "rank1", "dead-half"],
+)
+def test_degenerate_hessians_do_not_crash(H: torch.Tensor) -> None:
+    W, _ = _problem(5)
+    res = gptq(W, H, SCHEMES[0], torch.float32, RoundingOptions())
+    assert torch.isfinite(res.qweight.dequantize()).all()
+    dead = H.diagonal() == 0
+    assert (res.qweight.dequantize()[:, dead] == 0).all()
+
+
+def test_indefinite_hessian_escalates_then_falls_back() -> None:
+    W, H = _problem(6)
+    bumpy = H.clone()
+    bumpy[0, 1] = bumpy[1, 0] = 10 * float(H.diagonal().max())  # not positive definite at small damping
+    res = gptq(W, bumpy, SCHEMES[0], torch.float32, RoundingOptions())
+    assert res.note is not None and "damping" in res.note
+    # off-diagonal mass no damping (< mean diag) or floor (< max diag / 10) can outweigh: eigenvalue -999
+    hopeless = torch.eye(128) + 1000 * (torch.ones(128, 128) - torch.eye(128))
+    res = gptq(W, hopeless, SCHEMES[0], torch.float32, RoundingOptions())
+    assert res.note is not None and "RTN" in res.note
+    assert torch.equal(res.qweight.codes, rtn_weight(W, SCHEMES[0]).codes)
+
+
+def test_nan_hessian_falls_back_to_rtn() -> None:
+    W, H = _problem(7)
+    H[3, 3] = float("nan")
+    res = gptq(W, H, SCHEMES[0], torch.float32, RoundingOptions())
+    assert "RTN" in (res.note or "")
+
+
+def test_column_orders() -> None:
+    diag = torch.tensor([1.0, 5, 2, 3, 9, 0, 1, 1])
+    assert column_order(diag, 4, "natural").tolist() == list(range(8))
+    assert column_order(diag, 4, "actorder").tolist() == [4, 1, 3, 2, 0, 6, 7, 5]
+    # gar: group 1 (max 9) first, then group 0 (max 5); inside each, descending diag
+    assert column_order(diag, 4, "gar").tolist() == [4, 6, 7, 5, 1, 3, 2, 0]
+
+
+def test_inverse_factor_is_the_inverse() -> None:
+    _, H = _problem(8)
+    H = H.double()  # float64 so the check measures the algebra, not float32 conditioning
+    U, note = inverse_hessian_factor(H, 0.0)
+    assert note is None
+    torch.testing.assert_close(U.T @ U @ H, torch.eye(128, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert torch.equal(U, U.triu())
