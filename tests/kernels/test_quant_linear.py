@@ -10,7 +10,7 @@ from lowbit.formats.int import fake_quantize, quantize_activation_per_token
 from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.kernels.dispatch import Backend, resolve_backend
 from lowbit.kernels.quant_linear import INT, PACKED, QuantLinear
-from lowbit.quantize.rtn import rtn
+from lowbit.quantize.rtn import rtn_weight as rtn
 from lowbit.errors import LowbitError
 
 SCHEMES = [
@@ -28,7 +28,7 @@ SCHEMES = [
 def test_packed_path_equals_fake_quant(scheme: WeightScheme, act: ActScheme | None) -> None:
     torch.manual_seed(0)
     W, b, x = torch.randn(48, 128), torch.randn(48), torch.randn(3, 5, 128)
-    layer = QuantLinear.from_quantized(rtn(W, None, scheme), act, torch.float32, b)
+    layer = QuantLinear.from_quantized(rtn(W, scheme), act, torch.float32, b)
     assert layer.format == (INT if scheme.bits == 8 else PACKED)
     x_in = x
     if act is not None:
@@ -41,7 +41,7 @@ def test_packed_path_equals_fake_quant(scheme: WeightScheme, act: ActScheme | No
 def test_activation_quantization_changes_the_output() -> None:
     torch.manual_seed(0)
     W, x = torch.randn(16, 64), torch.randn(4, 64)
-    qw = rtn(W, None, SCHEMES[0])
+    qw = rtn(W, SCHEMES[0])
     a16 = QuantLinear.from_quantized(qw, None, torch.float32)(x)
     a8 = QuantLinear.from_quantized(qw, ActScheme(), torch.float32)(x)
     assert not torch.equal(a16, a8)
@@ -52,7 +52,7 @@ def test_activation_quantization_changes_the_output() -> None:
 def test_state_dict_round_trip(scheme: WeightScheme) -> None:
     torch.manual_seed(1)
     W = torch.randn(40, 128)
-    src = QuantLinear.from_quantized(rtn(W, None, scheme), None, torch.float32)
+    src = QuantLinear.from_quantized(rtn(W, scheme), None, torch.float32)
     dst = QuantLinear(128, 40, scheme, None, torch.float32)
     x = torch.randn(2, 128)
     dst(x)  # fills the dequantized cache, which loading must invalidate
@@ -64,7 +64,7 @@ def test_state_dict_round_trip(scheme: WeightScheme) -> None:
 def test_bf16_model_dtype() -> None:
     torch.manual_seed(2)
     W = torch.randn(32, 64, dtype=torch.bfloat16)
-    qw = rtn(W, None, SCHEMES[0], torch.bfloat16)
+    qw = rtn(W, SCHEMES[0], torch.bfloat16)
     layer = QuantLinear.from_quantized(qw, None, torch.bfloat16)
     assert layer.weight_scale.dtype == torch.bfloat16
     x = torch.randn(2, 64, dtype=torch.bfloat16)
