@@ -68,10 +68,13 @@ def run_block_staged(block: nn.Module, table: ArchTable, inputs: BlockInputs, on
 
     Returns:
         the block's outputs ``[b, L, D]`` per batch, computed with whatever modules ``on_group`` installed.
+        They are the input tensors updated in place: ``inputs.hidden`` is consumed (left empty).
     """
     (norm1, _), (norm2, _) = table.norms
     attn, mlp = get_module(block, table.attention), get_module(block, table.mlp)
     o_proj, down_proj = table.sequential[1][0], table.sequential[3][0]
+    # The residual stream is updated in place (h -> h1 -> out): the inputs are consumed, and peak memory
+    # is the stream plus the largest branch tensor rather than three copies of the stream.
     hidden = inputs.hidden
 
     xs = [get_module(block, norm1)(h) for h in hidden]
@@ -79,11 +82,15 @@ def run_block_staged(block: nn.Module, table: ArchTable, inputs: BlockInputs, on
     o_in = [_input_of_last_linear(block, attn, o_proj, x, kw) for x, kw in zip(xs, inputs.kwargs)]
     del xs
     on_group(1, _stats(o_in))
-    h1 = [h + get_module(block, o_proj)(a) for h, a in zip(hidden, o_in)]
+    for h, a in zip(hidden, o_in):
+        h.add_(get_module(block, o_proj)(a))  # h1 = h + attn(norm1(h))
     del o_in
-    ms = [get_module(block, norm2)(h) for h in h1]
+    ms = [get_module(block, norm2)(h) for h in hidden]
     on_group(2, _stats(ms))
     d_in = [_input_of_last_linear(block, mlp, down_proj, m, {}) for m in ms]
     del ms
     on_group(3, _stats(d_in))
-    return [h + get_module(block, down_proj)(d) for h, d in zip(h1, d_in)]
+    for h, d in zip(hidden, d_in):
+        h.add_(get_module(block, down_proj)(d))  # out = h1 + mlp(norm2(h1))
+    inputs.hidden = []
+    return hidden

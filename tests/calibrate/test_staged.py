@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.calibrate.runner import capture_block_inputs, run_block
+from lowbit.calibrate.runner import BlockInputs, capture_block_inputs, run_block
 from lowbit.calibrate.staged import run_block_staged
 from lowbit.calibrate.stats import InputStats
 from lowbit.models.loading import get_module, load_float_model, set_module
@@ -22,8 +22,10 @@ def test_staged_equals_block_forward(stories_dir: Path) -> None:
     model, table, inputs = _setup(stories_dir)
     block = get_module(model, table.blocks)[2]
     seen: list[tuple[int, int, int]] = []
+    expected = run_block(block, inputs)
     staged = run_block_staged(block, table, inputs, lambda i, s: seen.append((i, s.in_features, s.n_tokens)))
-    for a, b in zip(staged, run_block(block, inputs)):
+    assert inputs.hidden == []  # consumed: the outputs reuse the input storage
+    for a, b in zip(staged, expected):
         assert torch.equal(a, b)
     assert seen == [(0, 64, 128), (1, 64, 128), (2, 64, 128), (3, 172, 128)]
 
@@ -43,7 +45,9 @@ def test_later_groups_see_quantized_earlier_groups(stories_dir: Path) -> None:
         if i == 1:
             o_stats.append(stats)
 
+    saved = BlockInputs([h.clone() for h in inputs.hidden], inputs.kwargs)
     outputs = run_block_staged(block, table, inputs, on_group)
+    inputs = saved
     reference = InputStats(64, "cpu")
     run_block(block, inputs, {"o": reference}, {"o": get_module(block, "self_attn.o_proj")})  # block now has the halved v
     torch.testing.assert_close(o_stats[0].hessian(), reference.hessian())
