@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -70,10 +69,3 @@ def load(
         model.tie_weights()
     return model.eval().to(device)
 
-
-def is_quantized_dir(path: Path) -> bool:
-    """True if ``path/config.json`` has a quantization_config."""
-    try:
-        return "quantization_config" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
