@@ -64,6 +64,15 @@ class WeightScheme:
             return resolve_group_size(in_features, self.group_size or in_features)
         return in_features
 
+    def for_model(self, in_features: list[int]) -> "WeightScheme":
+        """This scheme with the group size every layer of a model can share (see model_group_size)."""
+        if self.strategy != "group" or not in_features:
+            return self
+        g = model_group_size(in_features, self.group_size or 0)
+        if g is None or g == self.group_size:
+            return self
+        return WeightScheme(self.format, self.bits, "group", g, self.symmetric)
+
     def for_layer(self, in_features: int) -> "WeightScheme":
         """The scheme actually applied to a layer: the group fallback made explicit (channel or a smaller group)."""
         if self.strategy != "group":
@@ -99,6 +108,21 @@ class ActScheme:
             raise LowbitError(f"activation strategy must be 'token' (dynamic per token), got {self.strategy!r}")
         if not self.symmetric:
             raise LowbitError("only symmetric activation quantization is supported")
+
+
+def model_group_size(in_features: list[int], group_size: int) -> int | None:
+    """The group size for a whole model: ``group_size`` if it divides every layer's ``in_features``, else the
+    largest power of two ``g >= 32``, ``g <= group_size``, that does; None if there is none (each layer then
+    falls back on its own, see resolve_group_size).
+
+    One group size for every layer keeps the checkpoint one scheme (one kernel configuration) and is the
+    finer grid: SmolLM2's 576-input layers force 64, so its 1536-input down_proj uses 64 too.
+    """
+    candidates = [group_size] + [1 << k for k in range(group_size.bit_length() - 1, 4, -1) if (1 << k) < group_size]
+    for g in candidates:
+        if g >= MIN_FALLBACK_GROUP and all(i % g == 0 for i in in_features):
+            return g
+    return None
 
 
 def resolve_group_size(in_features: int, group_size: int) -> int:

@@ -88,9 +88,23 @@ def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
 def _fallback_note(requested: WeightScheme, applied: WeightScheme, in_features: int) -> str | None:
     if requested == applied:
         return None
+    if in_features % (requested.group_size or 1) == 0:
+        return f"group {requested.group_size} -> {applied.group_size}: one group size for every layer of the model"
     if applied.strategy == "channel":
         return f"group {requested.group_size} does not divide in_features {in_features}: per-channel scales"
     return f"group {requested.group_size} does not divide in_features {in_features}: group {applied.group_size}"
+
+
+def model_scheme(model: nn.Module, table: ArchTable, recipe: Recipe) -> WeightScheme:
+    """The recipe's weight scheme with the group size shared by every quantized linear of ``model``."""
+    blocks = get_module(model, table.blocks)
+    ins = [
+        get_module(block, n).in_features
+        for i, block in enumerate(blocks)
+        for n in table.linears
+        if not is_ignored(f"{table.blocks}.{i}.{n}", recipe.ignore)
+    ]
+    return recipe.weights.for_model(ins)
 
 
 def quantize_block(
@@ -101,11 +115,13 @@ def quantize_block(
     recipe: Recipe,
     dtype: torch.dtype,
     scale_dtype: torch.dtype,
+    base: WeightScheme,
     widths: dict[str, int] | None = None,
 ) -> tuple[list[torch.Tensor], list[LayerResult]]:
     """Quantize the linears of one block in place, true-sequentially; return its outputs and per-layer results.
 
     Args:
+        base: the recipe's weight scheme with the model-wide group size (``model_scheme``).
         widths: full layer name -> code width chosen by bit allocation (overrides ``recipe.weights.bits``).
     """
     method = ROUNDERS[recipe.method]
@@ -119,10 +135,11 @@ def quantize_block(
         for n in names:
             linear = get_module(block, n)
             W = linear.weight.data
-            requested = recipe.weights
+            requested, applied = recipe.weights, base
             if widths is not None:
                 requested = dataclasses.replace(requested, bits=widths[f"{prefix}.{n}"])
-            scheme = requested.for_layer(W.shape[1])
+                applied = dataclasses.replace(applied, bits=widths[f"{prefix}.{n}"])
+            scheme = applied.for_layer(W.shape[1])
             res = method.fn(W, H if method.needs_hessian else None, scheme, scale_dtype, recipe.rounding)
             bias = linear.bias.data if linear.bias is not None else None
             ql = QuantLinear.from_quantized(res.qweight, recipe.activations, dtype, bias).to(W.device)
@@ -151,8 +168,8 @@ def quantize_block(
 
 
 def bit_allocation(
-    model: nn.Module, table: ArchTable, windows: torch.Tensor, recipe: Recipe, scale_dtype: torch.dtype,
-    batch_size: int, device: str, progress: bool,
+    model: nn.Module, table: ArchTable, windows: torch.Tensor, recipe: Recipe, base: WeightScheme,
+    scale_dtype: torch.dtype, batch_size: int, device: str, progress: bool,
 ) -> tuple[dict[str, int], dict[str, float]]:
     """BAQ's sensitivity pass over the float model, then the allocation: (widths, closed-form rates) per layer."""
     assert recipe.baq is not None
@@ -169,7 +186,7 @@ def bit_allocation(
             for n in table.sequential[index]:
                 if not is_ignored(f"{prefix}.{n}", recipe.ignore):
                     W = get_module(block, n).weight.data
-                    scheme = recipe.weights.for_layer(W.shape[1])
+                    scheme = base.for_layer(W.shape[1])
                     layers.append(baq.measure(f"{prefix}.{n}", W, stats, scheme, widths, scale_dtype))
 
         inputs.hidden = run_block_staged(block, table, inputs, on_group)
@@ -228,16 +245,17 @@ def quantize_model(
     scale_dtype = recipe.resolved_scale_dtype(dtype)
     size_before = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
+    base = model_scheme(fmodel, table, recipe)
     widths, rates = None, None
     if recipe.baq is not None:
-        widths, rates = bit_allocation(fmodel, table, windows, recipe, scale_dtype, batch_size, device, progress)
+        widths, rates = bit_allocation(fmodel, table, windows, recipe, base, scale_dtype, batch_size, device, progress)
     inputs = capture_block_inputs(fmodel, table, windows, batch_size, device)
     blocks = get_module(fmodel, table.blocks)
     layers: list[LayerResult] = []
     bar = tqdm(range(len(blocks)), desc=f"quantize {recipe.name}", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i].to(device)
-        outputs, results = quantize_block(block, f"{table.blocks}.{i}", inputs, table, recipe, dtype, scale_dtype, widths)
+        outputs, results = quantize_block(block, f"{table.blocks}.{i}", inputs, table, recipe, dtype, scale_dtype, base, widths)
         blocks[i] = block.to("cpu")
         inputs.hidden = outputs
         layers.extend(results)

@@ -150,7 +150,7 @@ GPTQ_BEST = RoundingOptions(order="gar", static_groups=False, mse_clip=True)
 PRESETS: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe("w4a16", "INT4 symmetric group-128 weights (group fallback per layer), GPTQ (group-aware order, MSE clipping), float activations",
+        Recipe("w4a16", "INT4 symmetric group-128 weights (documented group fallback), GPTQ (group-aware order, MSE clipping), float activations",
                INT4_G128, method=GPTQ, rounding=GPTQ_BEST),
         Recipe("w8a8", "INT8 per-channel symmetric weights (RTN), INT8 dynamic per-token symmetric activations",
                WeightScheme(bits=8, strategy="channel", group_size=None, symmetric=True), ActScheme()),

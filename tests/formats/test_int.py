@@ -111,3 +111,20 @@ def test_activation_per_token_golden() -> None:
     q, s = quantize_activation_per_token(x)
     torch.testing.assert_close(s, torch.tensor([[0.02], [0.5 / 127.5]]))
     assert q.tolist() == [[0, 64, -128], [127, 64, 0]]  # 63.75->64, -127.5->-128, 127.5->128->127
+
+
+@pytest.mark.parametrize(
+    ("ins", "group", "expected"),
+    [([576, 1536], 128, 64), ([4096, 11008], 128, 128), ([64, 172], 128, None), ([96, 192], 96, 96), ([576, 1536], 32, 32)],
+)
+def test_model_group_size(ins: list[int], group: int, expected: int | None) -> None:
+    from lowbit.formats.scheme import model_group_size
+
+    assert model_group_size(ins, group) == expected
+
+
+def test_for_model_then_for_layer() -> None:
+    s = WeightScheme(bits=4, strategy="group", group_size=128)
+    m = s.for_model([576, 1536])
+    assert m.group_size == 64 and m.for_layer(1536) == m and m.for_layer(576) == m
+    assert s.for_model([64, 172]) == s  # no shared size: each layer falls back on its own
