@@ -1,8 +1,12 @@
 """BAQ: bit widths per layer under an average-bit budget (ALGORITHMS.md §6).
 
-1. Sensitivity: for every linear, the Hessian-proxy loss ``E_l(b) = tr(dW_b H dW_b^T)`` of round-to-nearest
-   at each allowed width b (H from the float model's calibration inputs), and the storage cost of the
-   layer at that width, codes plus scales and zero points.
+1. Sensitivity: for every linear, the loss of round-to-nearest at each allowed width b, and the storage
+   cost of the layer at that width, codes plus scales and zero points. The loss is the Fisher-weighted
+   proxy ``E_l(b) = sum_o F_o dW_bo H dW_bo^T`` (``sensitivity: fisher``, the default; F from the output
+   gradients of the model's loss, calibrate/fisher.py), an estimate of the change of the model's loss
+   that is comparable across layer kinds and depths, or the plain Hessian proxy ``tr(dW_b H dW_b^T)``
+   (``sensitivity: hessian``, the reference's per-layer loss, which measures each layer's output error
+   in its own units). H comes from the float model's calibration inputs.
 2. Closed form: with ``E_l(R) = E_l(R_ref) 2^(-theta (R - R_ref))``, minimising ``sum E_l`` subject to
    ``sum n_l R_l = R_ref sum n_l`` equalises the per-weight loss:
    ``R_l = R_ref + (1/theta) log2(e_l / e_bar)``, with ``e_l = E_l(R_ref)/n_l`` and ``log2 e_bar`` the
@@ -36,7 +40,8 @@ class LayerSensitivity:
     Attributes:
         name: full module name.
         params: ``out * in``.
-        loss: width -> ``tr(dW H dW^T)`` of RTN at that width (H = X^T X / n, float32).
+        loss: width -> ``sum_o F_o dW_o H dW_o^T`` of RTN at that width (H = X^T X / n, float32; F = 1
+            for the plain Hessian proxy).
         cost: width -> storage bits (codes, scales, zero points).
     """
 
@@ -47,15 +52,26 @@ class LayerSensitivity:
 
 
 def measure(
-    name: str, W: torch.Tensor, stats: InputStats, scheme: WeightScheme, widths: tuple[int, ...], scale_dtype: torch.dtype
+    name: str,
+    W: torch.Tensor,
+    stats: InputStats,
+    scheme: WeightScheme,
+    widths: tuple[int, ...],
+    scale_dtype: torch.dtype,
+    fisher: torch.Tensor | None = None,
 ) -> LayerSensitivity:
-    """Loss and cost of ``W [out, in]`` at each width in ``widths`` under ``scheme`` (its bits replaced)."""
+    """Loss and cost of ``W [out, in]`` at each width in ``widths`` under ``scheme`` (its bits replaced).
+
+    ``fisher`` (float32 ``[out]``, optional) weights each output channel's error ``dW_o H dW_o^T``.
+    """
     H = stats.hessian()
+    F = torch.ones(W.shape[0]) if fisher is None else fisher.float()
     loss, cost = {}, {}
     for b in widths:
         qw = rtn_weight(W, WeightScheme(scheme.format, b, scheme.strategy, scheme.group_size, scheme.symmetric), scale_dtype)
         dW = W.float() - qw.dequantize(torch.float32)
-        loss[b] = float(torch.einsum("oi,ij,oj->", dW, H, dW).clamp_min(0.0))
+        per_row = ((dW @ H) * dW).sum(dim=1)  # [out]: dW_o H dW_o^T
+        loss[b] = float((F @ per_row).clamp_min(0.0))
         cost[b] = qw.storage_bits()
     return LayerSensitivity(name, W.numel(), loss, cost)
 

@@ -98,3 +98,30 @@ def test_baq_end_to_end(tmp_path: Path, stories_dir: Path) -> None:
 def test_avg_bits_needs_a_baq_recipe(stories_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(LowbitError, match="BAQ"):
         lowbit.quantize_model(stories_dir, "w4a16", tmp_path / "x", avg_bits=3.0, progress=False)
+
+
+def test_fisher_weights_each_output_channel() -> None:
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(8, 64, generator=g)
+    stats = InputStats(64, "cpu")
+    stats.add(torch.randn(128, 64, generator=g))
+    scheme = WeightScheme(bits=4, strategy="group", group_size=32)
+    plain = measure("x", W, stats, scheme, WIDTHS, torch.float16)
+    F = torch.zeros(8)
+    F[3] = 2.0
+    weighted = measure("x", W, stats, scheme, WIDTHS, torch.float16, fisher=F)
+    only_row3 = measure("x", W[3:4], stats, scheme, WIDTHS, torch.float16)
+    for b in WIDTHS:
+        assert weighted.loss[b] == pytest.approx(2.0 * only_row3.loss[b], rel=1e-5)
+        assert weighted.loss[b] < plain.loss[b] * 2.0
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "hessian"])
+def test_both_sensitivities_allocate_within_budget(tmp_path: Path, stories_dir: Path, sensitivity: str) -> None:
+    import dataclasses
+
+    recipe = PRESETS["baq-3.5"]
+    recipe = dataclasses.replace(recipe, baq=dataclasses.replace(recipe.baq, sensitivity=sensitivity, samples=4))
+    result = lowbit.quantize_model(stories_dir, recipe, tmp_path / "o", samples=8, calib_seqlen=64, progress=False, avg_bits=3.6)
+    assert result.bits_per_weight <= 3.6
+    assert len({l.bits for l in result.layers}) > 1

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from lowbit.errors import LowbitError
-from lowbit.quantize.recipe import PRESETS, dump_recipe, load_recipe, recipe_from_dict
+from lowbit.quantize.recipe import PRESETS, BAQOptions, dump_recipe, load_recipe, recipe_from_dict
 
 
 def test_presets_of_the_walking_skeleton() -> None:
@@ -58,3 +59,14 @@ def test_bad_files(tmp_path: Path, text: str) -> None:
         load_recipe(str(path))
     with pytest.raises(LowbitError, match="does not exist"):
         load_recipe(str(tmp_path / "missing.json"))
+
+
+def test_baq_sensitivity_round_trips_and_is_checked(tmp_path: Path) -> None:
+    recipe = load_recipe("baq-3.5")
+    assert recipe.baq is not None and recipe.baq.sensitivity == "fisher"
+    hessian = dataclasses.replace(recipe, baq=dataclasses.replace(recipe.baq, sensitivity="hessian"))
+    path = tmp_path / "r.yaml"
+    dump_recipe(hessian, path)
+    assert load_recipe(str(path)) == hessian
+    with pytest.raises(LowbitError, match="fisher"):
+        BAQOptions(sensitivity="gradient")
