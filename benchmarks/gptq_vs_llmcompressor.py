@@ -286,6 +286,7 @@ def run_ours(args: argparse.Namespace, tokenizer: Any, text: str) -> dict[str, A
         "scheme": f"{recipe.method}: {recipe.description}", "quantize_s": round(quant_s, 2),
         "rss_before_mib": rss1, "peak_rss_mib": peak, "loadavg_1m_after": os.getloadavg()[0], "bits_per_weight": round(result.bits_per_weight, 3),
         "out": str(result.out), **_ppl(ppl),
+        "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
     }
     del model
     return row

@@ -39,6 +39,13 @@ class QuantizedWeight:
         """The weight the codes stand for, ``[out, in]`` in ``dtype``."""
         return dequantize_codes(self.codes, self.scale, self.zero, dtype, self.scale_dtype)
 
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """Output rows ``start:stop`` (not valid for a tensor-wide scale, which all rows share)."""
+        if self.scheme.strategy == "tensor":
+            raise ValueError("a tensor-scaled weight cannot be split by rows")
+        zero = None if self.zero is None else self.zero[start:stop].clone()
+        return QuantizedWeight(self.codes[start:stop].clone(), self.scale[start:stop].clone(), zero, self.scheme, self.scale_dtype)
+
     def packed(self) -> torch.Tensor:
         """Codes packed along the input dimension: int32 ``[out, ceil(in*bits/32)]`` (see formats/packing.py)."""
         return pack_codes(self.codes, self.scheme.bits)

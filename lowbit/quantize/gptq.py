@@ -184,4 +184,4 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: t
     total = float(loss.sum())
     if not torch.isfinite(torch.tensor(total)):
         return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, "GPTQ loss not finite: fell back to RTN")
-    return RoundResult(QuantizedWeight(codes, scale, zero, scheme, scale_dtype), total, note)
+    return RoundResult(QuantizedWeight(codes, scale, zero, scheme, scale_dtype), total, note, loss)

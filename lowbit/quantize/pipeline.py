@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.calibrate.fisher import collect_sensitivity_stats
 from lowbit.calibrate.runner import BlockInputs, capture_block_inputs
 from lowbit.calibrate.staged import run_block_staged
 from lowbit.calibrate.sources import calibration_texts
@@ -33,6 +34,7 @@ from lowbit.quantize import baq
 from lowbit.quantize.output import write_output
 from lowbit.quantize.recipe import Recipe, load_recipe
 from lowbit.quantize.methods import ROUNDERS
+from lowbit.quantize.rounding import RoundResult, round_together
 
 
 @dataclass
@@ -58,7 +60,12 @@ class LayerResult:
 
 @dataclass
 class QuantizeResult:
-    """What ``quantize_model`` returns: where the output is and the numbers of the summary."""
+    """What ``quantize_model`` returns: where the output is and the numbers of the summary.
+
+    ``timings`` (seconds; not written to the report, which stays deterministic): ``load``, ``allocation``
+    (BAQ's sensitivity pass), ``blocks`` (the calibration pass through every block, statistics and
+    rounding included), ``rounding`` (the part of ``blocks`` spent in the rounding method) and ``write``.
+    """
 
     out: Path
     recipe: Recipe
@@ -67,6 +74,7 @@ class QuantizeResult:
     size_after: int
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def bits_per_weight(self) -> float:
@@ -117,12 +125,14 @@ def quantize_block(
     scale_dtype: torch.dtype,
     base: WeightScheme,
     widths: dict[str, int] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[list[torch.Tensor], list[LayerResult]]:
     """Quantize the linears of one block in place, true-sequentially; return its outputs and per-layer results.
 
     Args:
         base: the recipe's weight scheme with the model-wide group size (``model_scheme``).
         widths: full layer name -> code width chosen by bit allocation (overrides ``recipe.weights.bits``).
+        timings: if given, the seconds spent in the rounding method are added to its "rounding" entry.
     """
     method = ROUNDERS[recipe.method]
     results: list[LayerResult] = []
@@ -132,15 +142,27 @@ def quantize_block(
         if not names:
             return
         H = stats.hessian()
+        schemes: dict[str, tuple[WeightScheme, WeightScheme]] = {}  # name -> (requested, applied)
         for n in names:
-            linear = get_module(block, n)
-            W = linear.weight.data
             requested, applied = recipe.weights, base
             if widths is not None:
                 requested = dataclasses.replace(requested, bits=widths[f"{prefix}.{n}"])
                 applied = dataclasses.replace(applied, bits=widths[f"{prefix}.{n}"])
-            scheme = applied.for_layer(W.shape[1])
-            res = method.fn(W, H if method.needs_hessian else None, scheme, scale_dtype, recipe.rounding)
+            schemes[n] = (requested, applied.for_layer(get_module(block, n).in_features))
+        rounded: dict[str, RoundResult] = {}
+        for scheme in dict.fromkeys(applied for _, applied in schemes.values()):  # same input, same scheme: one call
+            together = [n for n in names if schemes[n][1] == scheme]
+            t0 = time.perf_counter()
+            Ws = [get_module(block, n).weight.data for n in together]
+            res = round_together(method, Ws, H if method.needs_hessian else None, scheme, scale_dtype, recipe.rounding)
+            rounded.update(zip(together, res))
+            if timings is not None:
+                timings["rounding"] = timings.get("rounding", 0.0) + time.perf_counter() - t0
+        for n in names:
+            linear = get_module(block, n)
+            W = linear.weight.data
+            requested, scheme = schemes[n]
+            res = rounded[n]
             bias = linear.bias.data if linear.bias is not None else None
             ql = QuantLinear.from_quantized(res.qweight, recipe.activations, dtype, bias).to(W.device)
             W_hat = res.qweight.dequantize(torch.float32)
@@ -176,21 +198,34 @@ def bit_allocation(
     opts = recipe.baq
     widths = tuple(sorted(set(opts.widths) | {recipe.weights.bits}))
     n = windows.shape[0] if opts.samples is None else min(opts.samples, windows.shape[0])
-    inputs = capture_block_inputs(model, table, windows[:n], batch_size, device)
     blocks = get_module(model, table.blocks)
+    names = [
+        f"{table.blocks}.{i}.{n}" for i in range(len(blocks)) for n in table.linears
+        if not is_ignored(f"{table.blocks}.{i}.{n}", recipe.ignore)
+    ]
+    wanted = set(names)
     layers: list[baq.LayerSensitivity] = []
-    for i in tqdm(range(len(blocks)), desc="sensitivity", unit="block", disable=not progress):
-        block, prefix = blocks[i].to(device), f"{table.blocks}.{i}"
+    if opts.sensitivity == "fisher":
+        stats = collect_sensitivity_stats(model, table, windows[:n], wanted, progress)
+        for name in tqdm(names, desc="bit widths", unit="layer", disable=not progress):
+            W = get_module(model, name).weight.data
+            scheme = base.for_layer(W.shape[1])
+            layers.append(baq.measure(name, W, stats.inputs[name], scheme, widths, scale_dtype, stats.fisher[name]))
+        del stats
+    else:
+        inputs = capture_block_inputs(model, table, windows[:n], batch_size, device)
+        for i in tqdm(range(len(blocks)), desc="sensitivity", unit="block", disable=not progress):
+            block, prefix = blocks[i].to(device), f"{table.blocks}.{i}"
 
-        def on_group(index: int, stats: InputStats) -> None:
-            for n in table.sequential[index]:
-                if not is_ignored(f"{prefix}.{n}", recipe.ignore):
-                    W = get_module(block, n).weight.data
-                    scheme = base.for_layer(W.shape[1])
-                    layers.append(baq.measure(f"{prefix}.{n}", W, stats, scheme, widths, scale_dtype))
+            def on_group(index: int, stats: InputStats) -> None:
+                for n in table.sequential[index]:
+                    if f"{prefix}.{n}" in wanted:
+                        W = get_module(block, n).weight.data
+                        scheme = base.for_layer(W.shape[1])
+                        layers.append(baq.measure(f"{prefix}.{n}", W, stats, scheme, widths, scale_dtype))
 
-        inputs.hidden = run_block_staged(block, table, inputs, on_group)
-        blocks[i] = block.to("cpu")
+            inputs.hidden = run_block_staged(block, table, inputs, on_group)
+            blocks[i] = block.to("cpu")
     choice, rates = baq.allocate(layers, opts.avg_bits, recipe.weights.bits, opts.theta)
     allowed = set(opts.widths)
     if not set(choice.values()) <= allowed:  # the reference width was measured but is not allowed
@@ -229,6 +264,7 @@ def quantize_model(
         avg_bits: override the average-bit budget of a BAQ recipe.
     """
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if avg_bits is not None:
         recipe = recipe.with_avg_bits(avg_bits)
@@ -241,6 +277,7 @@ def quantize_model(
     texts = calibration_texts(calib)  # read before the (slow) model load so a bad --calib fails fast
     fmodel, tokenizer, table, model_dir = load_float_model(model)
     windows = calibration_windows(texts, tokenizer, samples, calib_seqlen, seed)
+    timings["load"] = time.perf_counter() - t0
     dtype = next(fmodel.parameters()).dtype
     scale_dtype = recipe.resolved_scale_dtype(dtype)
     size_before = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
@@ -248,21 +285,29 @@ def quantize_model(
     base = model_scheme(fmodel, table, recipe)
     widths, rates = None, None
     if recipe.baq is not None:
+        t1 = time.perf_counter()
         widths, rates = bit_allocation(fmodel, table, windows, recipe, base, scale_dtype, batch_size, device, progress)
+        timings["allocation"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
     inputs = capture_block_inputs(fmodel, table, windows, batch_size, device)
     blocks = get_module(fmodel, table.blocks)
     layers: list[LayerResult] = []
     bar = tqdm(range(len(blocks)), desc=f"quantize {recipe.name}", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i].to(device)
-        outputs, results = quantize_block(block, f"{table.blocks}.{i}", inputs, table, recipe, dtype, scale_dtype, base, widths)
+        outputs, results = quantize_block(
+            block, f"{table.blocks}.{i}", inputs, table, recipe, dtype, scale_dtype, base, widths, timings
+        )
         blocks[i] = block.to("cpu")
         inputs.hidden = outputs
         layers.extend(results)
         bar.set_postfix(worst=f"{max(r.output_rel_err for r in results):.3f}" if results else "-")
     del inputs
+    timings["blocks"] = time.perf_counter() - t1
 
     calib_info = {"source": str(calib) if calib else "default", "samples": samples, "seqlen": calib_seqlen, "seed": seed}
     extra = {} if rates is None else {"baq_closed_form_rates": rates}
+    t1 = time.perf_counter()
     size_after = write_output(fmodel, tokenizer, out, recipe, layers, model_dir, calib_info, overwrite, extra)
-    return QuantizeResult(out, recipe, layers, size_before, size_after, time.perf_counter() - t0, extra)
+    timings["write"] = time.perf_counter() - t1
+    return QuantizeResult(out, recipe, layers, size_before, size_after, time.perf_counter() - t0, extra, timings)

@@ -27,11 +27,13 @@ class RoundResult:
         qweight: the quantized weight.
         loss: the method's own objective where it has one (GPTQ: ``sum (w - q)^2 / [H^-1]_jj^2 / 2``).
         note: what went differently from the plan (damping escalated, fallback to RTN...), for the report.
+        row_loss: the objective per output row, float32 ``[out]`` (sums to ``loss``), where the method has one.
     """
 
     qweight: QuantizedWeight
     loss: float | None = None
     note: str | None = None
+    row_loss: torch.Tensor | None = None
 
 
 class RoundFn(Protocol):
@@ -64,3 +66,32 @@ def register_rounder(name: str, needs_hessian: bool) -> Callable[[RoundFn], Roun
 
     return add
 
+
+
+def round_together(
+    method: RoundingMethod,
+    Ws: list[torch.Tensor],
+    H: torch.Tensor | None,
+    scheme: WeightScheme,
+    scale_dtype: torch.dtype,
+    options: "RoundingOptions",
+) -> list[RoundResult]:
+    """Round several weights ``[out_i, in]`` that read the same input (one Hessian) with one call.
+
+    With one scale per row or per group of a row, RTN and GPTQ treat rows independently: GPTQ's order,
+    damping and inverse-Hessian factor depend on H alone, and each row's updates on that row alone. So
+    ``W = cat(Ws)`` (q/k/v, gate/up) is rounded once, sharing the factorisation and the column loop, and
+    the result is split back by rows; a tensor-wide scale would couple the rows, so those are rounded
+    one by one.
+    """
+    if len(Ws) == 1 or scheme.strategy == "tensor":
+        return [method.fn(W, H, scheme, scale_dtype, options) for W in Ws]
+    res = method.fn(torch.cat([W.float() for W in Ws]), H, scheme, scale_dtype, options)
+    out, start = [], 0
+    for W in Ws:
+        stop = start + W.shape[0]
+        row_loss = None if res.row_loss is None else res.row_loss[start:stop]
+        loss = None if row_loss is None else float(row_loss.sum())
+        out.append(RoundResult(res.qweight.rows(start, stop), loss, res.note, row_loss))
+        start = stop
+    return out

@@ -122,3 +122,40 @@ def test_inverse_factor_is_the_inverse() -> None:
     assert note is None
     torch.testing.assert_close(U.T @ U @ H, torch.eye(128, dtype=torch.float64), atol=1e-9, rtol=0)
     assert torch.equal(U, U.triu())
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+@pytest.mark.parametrize("options", [OPTIONS[1], OPTIONS[0]], ids=["gar-mse", "actorder-static"])
+def test_rounding_together_equals_one_by_one(method: str, options: RoundingOptions) -> None:
+    """q/k/v (or gate/up) share H: one call on the stacked rows gives each layer's own result."""
+    from lowbit.quantize.methods import ROUNDERS
+    from lowbit.quantize.rounding import round_together
+
+    options = RoundingOptions(order=options.order, static_groups=options.static_groups, mse_clip=True)
+    g = torch.Generator().manual_seed(5)
+    _, H = _problem(5)
+    Ws = [torch.randn(rows, 128, generator=g) for rows in (48, 16, 16)]
+    scheme = WeightScheme(bits=4, strategy="group", group_size=32)
+    together = round_together(ROUNDERS[method], Ws, H, scheme, torch.float16, options)
+    for W, res in zip(Ws, together):
+        alone = ROUNDERS[method].fn(W, H, scheme, torch.float16, options)
+        assert torch.equal(res.qweight.codes, alone.qweight.codes)
+        assert torch.equal(res.qweight.scale, alone.qweight.scale)
+        assert res.qweight.shape == W.shape
+        if method == "gptq":
+            assert res.loss == pytest.approx(alone.loss, rel=1e-5)
+            assert res.row_loss is not None and res.row_loss.shape == (W.shape[0],)
+        else:
+            assert res.loss is None
+
+
+def test_tensor_scales_are_not_stacked() -> None:
+    from lowbit.quantize.methods import ROUNDERS
+    from lowbit.quantize.rounding import round_together
+
+    _, H = _problem(6)
+    Ws = [torch.randn(8, 128), 10 * torch.randn(8, 128)]
+    scheme = WeightScheme(bits=8, strategy="tensor", group_size=None)
+    res = round_together(ROUNDERS["rtn"], Ws, H, scheme, torch.float32, RoundingOptions())
+    for W, r in zip(Ws, res):
+        assert float(r.qweight.scale.reshape(())) == pytest.approx(float(W.abs().max()) / 127, rel=1e-6)
