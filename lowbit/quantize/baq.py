@@ -11,10 +11,12 @@
    ``sum n_l R_l = R_ref sum n_l`` equalises the per-weight loss:
    ``R_l = R_ref + (1/theta) log2(e_l / e_bar)``, with ``e_l = E_l(R_ref)/n_l`` and ``log2 e_bar`` the
    n-weighted mean of ``log2 e_l``.
-3. Rounding to the supported widths with the budget met after rounding: each layer starts at the widest
-   allowed width not above its ``R_l``; while the total cost (scales counted) exceeds the budget, the
-   layer whose step down costs the least measured loss per saved bit steps down; then, while the budget
-   allows, the layer whose step up saves the most measured loss per added bit steps up.
+3. Rounding to the supported widths with the budget met after rounding: each layer's options (widths,
+   and optionally group sizes and asymmetric grids) are put on a chain, the lower convex hull of
+   (cost, loss); each layer starts at the best option whose width is not above its ``R_l``; while the
+   total cost (scales and zero points counted) exceeds the budget, the layer whose step down its chain
+   costs the least measured loss per saved bit steps down; then, while the budget allows, the layer
+   whose step up saves the most measured loss per added bit steps up.
 
 Unlike the reference (per input column, fractional level counts, budget met only in expectation), widths
 are per layer and integer, so each layer is one compressed-tensors scheme that real kernels run.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 
@@ -31,6 +34,8 @@ from lowbit.calibrate.stats import InputStats
 from lowbit.errors import LowbitError
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.rtn import rtn_weight
+
+K = TypeVar("K")
 
 
 @dataclass
@@ -40,84 +45,136 @@ class LayerSensitivity:
     Attributes:
         name: full module name.
         params: ``out * in``.
-        loss: width -> ``sum_o F_o dW_o H dW_o^T`` of RTN at that width (H = X^T X / n, float32; F = 1
-            for the plain Hessian proxy).
-        cost: width -> storage bits (codes, scales, zero points).
+        loss: option -> ``sum_o F_o dW_o H dW_o^T`` of RTN under that option (H = X^T X / n, float32;
+            F = 1 for the plain Hessian proxy). An option is a width, or a whole layer scheme (width,
+            group size, symmetry) when the allocation also chooses the grid.
+        cost: option -> storage bits (codes, scales, zero points).
     """
 
     name: str
     params: int
-    loss: dict[int, float]
-    cost: dict[int, int]
+    loss: dict[Any, float]
+    cost: dict[Any, int]
 
 
 def measure(
     name: str,
     W: torch.Tensor,
     stats: InputStats,
-    scheme: WeightScheme,
-    widths: tuple[int, ...],
+    candidates: Mapping[K, WeightScheme],
     scale_dtype: torch.dtype,
     fisher: torch.Tensor | None = None,
 ) -> LayerSensitivity:
-    """Loss and cost of ``W [out, in]`` at each width in ``widths`` under ``scheme`` (its bits replaced).
+    """Loss and cost of ``W [out, in]`` under each candidate scheme (key -> scheme, resolved for the layer).
 
     ``fisher`` (float32 ``[out]``, optional) weights each output channel's error ``dW_o H dW_o^T``.
     """
     H = stats.hessian()
     F = torch.ones(W.shape[0]) if fisher is None else fisher.float()
     loss, cost = {}, {}
-    for b in widths:
-        qw = rtn_weight(W, WeightScheme(scheme.format, b, scheme.strategy, scheme.group_size, scheme.symmetric), scale_dtype)
+    for key, scheme in candidates.items():
+        qw = rtn_weight(W, scheme, scale_dtype)
         dW = W.float() - qw.dequantize(torch.float32)
         per_row = ((dW @ H) * dW).sum(dim=1)  # [out]: dW_o H dW_o^T
-        loss[b] = float((F @ per_row).clamp_min(0.0))
-        cost[b] = qw.storage_bits()
+        loss[key] = float((F @ per_row).clamp_min(0.0))
+        cost[key] = qw.storage_bits()
     return LayerSensitivity(name, W.numel(), loss, cost)
 
 
-def closed_form_rates(layers: list[LayerSensitivity], r_ref: int, theta: float) -> dict[str, float]:
-    """Real-valued rates ``R_l`` of the closed form (they average to ``r_ref``, weighted by params)."""
+def chain(layer: LayerSensitivity) -> list[Any]:
+    """The layer's options on the lower convex hull of (cost, loss), cheapest first.
+
+    An option that costs more but loses no less than a cheaper one is dropped, and so is one whose step
+    buys less loss per bit than the step after it: along the chain the price of a saved unit of loss
+    only rises, so stepping up where it is cheapest is the greedy optimum.
+    """
+    options = sorted(layer.loss, key=lambda k: (layer.cost[k], layer.loss[k]))
+    hull: list[Any] = []
+    for k in options:
+        if hull and layer.loss[k] >= layer.loss[hull[-1]]:
+            continue
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            gain_ab = (layer.loss[a] - layer.loss[b]) / max(layer.cost[b] - layer.cost[a], 1)
+            gain_bk = (layer.loss[b] - layer.loss[k]) / max(layer.cost[k] - layer.cost[b], 1)
+            if gain_ab > gain_bk:
+                break
+            hull.pop()
+        hull.append(k)
+    return hull
+
+
+def closed_form_rates(
+    layers: list[LayerSensitivity], r_ref: Any, theta: float, ref_bits: float | None = None
+) -> dict[str, float]:
+    """Real-valued rates ``R_l`` (code bits) of the closed form; they average to the reference width, weighted by params.
+
+    ``r_ref`` is the key of the reference option (or a dict: layer name -> its key), ``ref_bits`` its code
+    width (``r_ref`` itself when keys are widths).
+    """
     tiny = 1e-30
-    log_e = {l.name: math.log2(max(l.loss[r_ref] / l.params, tiny)) for l in layers}
+    ref_of = r_ref if isinstance(r_ref, dict) else {l.name: r_ref for l in layers}
+    ref = float(r_ref if ref_bits is None else ref_bits)
+    log_e = {l.name: math.log2(max(l.loss[ref_of[l.name]] / l.params, tiny)) for l in layers}
     total = sum(l.params for l in layers)
     log_bar = sum(l.params * log_e[l.name] for l in layers) / total
-    return {l.name: r_ref + (log_e[l.name] - log_bar) / theta for l in layers}
+    return {l.name: ref + (log_e[l.name] - log_bar) / theta for l in layers}
 
 
-def allocate(layers: list[LayerSensitivity], avg_bits: float, r_ref: int, theta: float) -> tuple[dict[str, int], dict[str, float]]:
-    """Integer widths per layer with ``sum cost <= avg_bits * sum params``; also returns the closed-form rates.
+def allocate(
+    layers: list[LayerSensitivity],
+    avg_bits: float,
+    r_ref: Any,
+    theta: float,
+    bits: Callable[[Any], int] | None = None,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One option per layer with ``sum cost <= avg_bits * sum params``; also returns the closed-form rates.
 
-    ``r_ref`` must be one of the widths every layer was measured at.
+    Args:
+        r_ref: key of the reference option (the recipe's width), or a dict layer name -> its key when
+            the keys are layer schemes (the reference grid resolved for each layer).
+        bits: key -> code width (identity when the keys are widths).
     """
     if not layers:
         return {}, {}
-    widths = sorted(layers[0].loss)
-    if r_ref not in widths:
-        raise LowbitError(f"BAQ reference width {r_ref} is not among the allowed widths {widths}")
-    rates = closed_form_rates(layers, r_ref, theta)
+    bits = bits or (lambda k: int(k))
+    ref_of = r_ref if isinstance(r_ref, dict) else {l.name: r_ref for l in layers}
+    if any(ref_of.get(l.name) not in l.loss for l in layers):
+        raise LowbitError(f"BAQ reference option {r_ref} was not measured for every layer")
+    ref_bits = {bits(k) for k in ref_of.values()}
+    if len(ref_bits) != 1:
+        raise LowbitError(f"BAQ reference options have different widths: {sorted(ref_bits)}")
+    rates = closed_form_rates(layers, ref_of, theta, ref_bits.pop())
     budget = avg_bits * sum(l.params for l in layers)
     by_name = {l.name: l for l in layers}
-    choice = {l.name: max([w for w in widths if w <= rates[l.name]] or [widths[0]]) for l in layers}
-    spent = sum(by_name[n].cost[w] for n, w in choice.items())
+    chains = {l.name: chain(l) for l in layers}
 
-    def step(name: str, direction: int) -> int | None:
-        i = widths.index(choice[name]) + direction
-        return widths[i] if 0 <= i < len(widths) else None
+    def start(l: LayerSensitivity) -> Any:
+        """The closed form rounded down: the best option whose width is not above ``R_l``."""
+        below = [k for k in chains[l.name] if bits(k) <= rates[l.name]]
+        return below[-1] if below else chains[l.name][0]
+
+    choice = {l.name: start(l) for l in layers}
+    spent = sum(by_name[n].cost[k] for n, k in choice.items())
+
+    def step(name: str, direction: int) -> Any | None:
+        c = chains[name]
+        i = c.index(choice[name]) + direction
+        return c[i] if 0 <= i < len(c) else None
 
     while spent > budget:  # step down where a saved bit costs the least loss
         best, best_ratio = None, math.inf
-        for n, w in choice.items():
+        for n, k in choice.items():
             lower = step(n, -1)
             if lower is None:
                 continue
             l = by_name[n]
-            ratio = (l.loss[lower] - l.loss[w]) / (l.cost[w] - l.cost[lower])
+            ratio = (l.loss[lower] - l.loss[k]) / (l.cost[k] - l.cost[lower])
             if ratio < best_ratio:
                 best, best_ratio = n, ratio
         if best is None:
             raise LowbitError(
-                f"an average of {avg_bits} bits cannot be met: even {widths[0]}-bit everywhere costs "
+                f"an average of {avg_bits} bits cannot be met: even the cheapest option of every layer costs "
                 f"{spent / sum(l.params for l in layers):.3f} bits per weight with its scales"
             )
         lower = step(best, -1)
@@ -125,13 +182,13 @@ def allocate(layers: list[LayerSensitivity], avg_bits: float, r_ref: int, theta:
         choice[best] = lower
     while True:  # spend what is left where an added bit saves the most loss
         best, best_ratio = None, 0.0
-        for n, w in choice.items():
+        for n, k in choice.items():
             higher = step(n, +1)
             if higher is None:
                 continue
             l = by_name[n]
-            extra = l.cost[higher] - l.cost[w]
-            ratio = (l.loss[w] - l.loss[higher]) / extra
+            extra = l.cost[higher] - l.cost[k]
+            ratio = (l.loss[k] - l.loss[higher]) / extra
             if spent + extra <= budget and ratio > best_ratio:
                 best, best_ratio = n, ratio
         if best is None:

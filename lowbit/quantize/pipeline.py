@@ -8,6 +8,7 @@ block's inputs) see the quantized ones: errors propagate, as in the GPTQ referen
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import re
 import time
@@ -52,6 +53,7 @@ class LayerResult:
     output_rel_err: float
     loss: float | None = None
     note: str | None = None
+    symmetric: bool = True
 
     @property
     def params(self) -> int:
@@ -80,6 +82,22 @@ class QuantizeResult:
     def bits_per_weight(self) -> float:
         """Storage bits (codes, scales, zero points) per parameter of the quantized linears."""
         return sum(l.storage_bits for l in self.layers) / max(sum(l.params for l in self.layers), 1)
+
+
+def limit_heap_fragmentation() -> None:
+    """Have glibc serve every allocation of 1 MiB or more with its own mmap, returned to the OS on free.
+
+    The calibration pass allocates and frees tensors of 20-400 MB in changing sizes; with glibc's default
+    dynamic threshold those end up in the heap after the first frees, which fragments and held peak RSS
+    ~100-400 MiB above the live tensors on SmolLM2 (varying from run to run). A fixed threshold keeps the
+    peak at what is live. A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 24)  # M_TRIM_THRESHOLD: give freed heap tops back beyond 16 MiB
+    except (OSError, AttributeError):
+        pass
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
@@ -124,14 +142,15 @@ def quantize_block(
     dtype: torch.dtype,
     scale_dtype: torch.dtype,
     base: WeightScheme,
-    widths: dict[str, int] | None = None,
+    allocated: dict[str, WeightScheme] | None = None,
     timings: dict[str, float] | None = None,
 ) -> tuple[list[torch.Tensor], list[LayerResult]]:
     """Quantize the linears of one block in place, true-sequentially; return its outputs and per-layer results.
 
     Args:
         base: the recipe's weight scheme with the model-wide group size (``model_scheme``).
-        widths: full layer name -> code width chosen by bit allocation (overrides ``recipe.weights.bits``).
+        allocated: full layer name -> the scheme bit allocation chose for it (width, and group size and
+            symmetry where the allocation chooses them), overriding the recipe's.
         timings: if given, the seconds spent in the rounding method are added to its "rounding" entry.
     """
     method = ROUNDERS[recipe.method]
@@ -145,9 +164,8 @@ def quantize_block(
         schemes: dict[str, tuple[WeightScheme, WeightScheme]] = {}  # name -> (requested, applied)
         for n in names:
             requested, applied = recipe.weights, base
-            if widths is not None:
-                requested = dataclasses.replace(requested, bits=widths[f"{prefix}.{n}"])
-                applied = dataclasses.replace(applied, bits=widths[f"{prefix}.{n}"])
+            if allocated is not None:
+                requested = applied = allocated[f"{prefix}.{n}"]
             schemes[n] = (requested, applied.for_layer(get_module(block, n).in_features))
         rounded: dict[str, RoundResult] = {}
         for scheme in dict.fromkeys(applied for _, applied in schemes.values()):  # same input, same scheme: one call
@@ -179,6 +197,7 @@ def quantize_block(
                     output_rel_err=relative_output_error(W, W_hat, H),
                     loss=res.loss,
                     note=res.note,
+                    symmetric=scheme.symmetric,
                 )
             )
             set_module(block, n, ql)
@@ -189,14 +208,33 @@ def quantize_block(
     return outputs, results
 
 
+def baq_candidates(base: WeightScheme, recipe: Recipe, in_features: int) -> tuple[dict[WeightScheme, WeightScheme], WeightScheme]:
+    """BAQ's options for a layer with ``in_features`` inputs (each scheme resolved for the layer), and the reference.
+
+    Widths from ``baq.widths`` (plus the recipe's, the reference), the model-wide group and
+    ``baq.group_sizes``, the recipe's symmetry and, with ``baq.asymmetric``, the asymmetric grid.
+    """
+    assert recipe.baq is not None
+    opts = recipe.baq
+    widths = sorted(set(opts.widths) | {base.bits})
+    groups = [base.group_size] + ([g for g in opts.group_sizes if g != base.group_size] if base.strategy == "group" else [])
+    symmetric = [base.symmetric] + ([False] if opts.asymmetric and base.symmetric else [])
+    found: dict[WeightScheme, WeightScheme] = {}
+    for b in widths:
+        for g in groups:
+            for sym in symmetric:
+                scheme = dataclasses.replace(base, bits=b, group_size=g, symmetric=sym).for_layer(in_features)
+                found.setdefault(scheme, scheme)
+    return found, base.for_layer(in_features)
+
+
 def bit_allocation(
     model: nn.Module, table: ArchTable, windows: torch.Tensor, recipe: Recipe, base: WeightScheme,
     scale_dtype: torch.dtype, batch_size: int, device: str, progress: bool,
-) -> tuple[dict[str, int], dict[str, float]]:
-    """BAQ's sensitivity pass over the float model, then the allocation: (widths, closed-form rates) per layer."""
+) -> tuple[dict[str, WeightScheme], dict[str, float]]:
+    """BAQ's sensitivity pass over the float model, then the allocation: (scheme, closed-form rate) per layer."""
     assert recipe.baq is not None
     opts = recipe.baq
-    widths = tuple(sorted(set(opts.widths) | {recipe.weights.bits}))
     n = windows.shape[0] if opts.samples is None else min(opts.samples, windows.shape[0])
     blocks = get_module(model, table.blocks)
     names = [
@@ -205,12 +243,16 @@ def bit_allocation(
     ]
     wanted = set(names)
     layers: list[baq.LayerSensitivity] = []
+    refs: dict[str, WeightScheme] = {}
+
+    def add(name: str, W: torch.Tensor, stats: InputStats, fisher: torch.Tensor | None) -> None:
+        candidates, refs[name] = baq_candidates(base, recipe, W.shape[1])
+        layers.append(baq.measure(name, W, stats, candidates, scale_dtype, fisher))
+
     if opts.sensitivity == "fisher":
         stats = collect_sensitivity_stats(model, table, windows[:n], wanted, progress)
         for name in tqdm(names, desc="bit widths", unit="layer", disable=not progress):
-            W = get_module(model, name).weight.data
-            scheme = base.for_layer(W.shape[1])
-            layers.append(baq.measure(name, W, stats.inputs[name], scheme, widths, scale_dtype, stats.fisher[name]))
+            add(name, get_module(model, name).weight.data, stats.inputs[name], stats.fisher[name])
         del stats
     else:
         inputs = capture_block_inputs(model, table, windows[:n], batch_size, device)
@@ -220,17 +262,15 @@ def bit_allocation(
             def on_group(index: int, stats: InputStats) -> None:
                 for n in table.sequential[index]:
                     if f"{prefix}.{n}" in wanted:
-                        W = get_module(block, n).weight.data
-                        scheme = base.for_layer(W.shape[1])
-                        layers.append(baq.measure(f"{prefix}.{n}", W, stats, scheme, widths, scale_dtype))
+                        add(f"{prefix}.{n}", get_module(block, n).weight.data, stats, None)
 
             inputs.hidden = run_block_staged(block, table, inputs, on_group)
             blocks[i] = block.to("cpu")
-    choice, rates = baq.allocate(layers, opts.avg_bits, recipe.weights.bits, opts.theta)
+    chosen, rates = baq.allocate(layers, opts.avg_bits, refs, opts.theta, bits=lambda k: k.bits)
     allowed = set(opts.widths)
-    if not set(choice.values()) <= allowed:  # the reference width was measured but is not allowed
+    if not {s.bits for s in chosen.values()} <= allowed:  # the reference width was measured but is not allowed
         raise LowbitError(f"BAQ chose widths outside {sorted(allowed)}: add the recipe's weights.bits to baq.widths")
-    return choice, rates
+    return chosen, rates
 
 
 def quantize_model(
@@ -264,6 +304,7 @@ def quantize_model(
         avg_bits: override the average-bit budget of a BAQ recipe.
     """
     t0 = time.perf_counter()
+    limit_heap_fragmentation()
     timings: dict[str, float] = {}
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if avg_bits is not None:
@@ -283,10 +324,10 @@ def quantize_model(
     size_before = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
     base = model_scheme(fmodel, table, recipe)
-    widths, rates = None, None
+    allocated, rates = None, None
     if recipe.baq is not None:
         t1 = time.perf_counter()
-        widths, rates = bit_allocation(fmodel, table, windows, recipe, base, scale_dtype, batch_size, device, progress)
+        allocated, rates = bit_allocation(fmodel, table, windows, recipe, base, scale_dtype, batch_size, device, progress)
         timings["allocation"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     inputs = capture_block_inputs(fmodel, table, windows, batch_size, device)
@@ -296,7 +337,7 @@ def quantize_model(
     for i in bar:
         block = blocks[i].to(device)
         outputs, results = quantize_block(
-            block, f"{table.blocks}.{i}", inputs, table, recipe, dtype, scale_dtype, base, widths, timings
+            block, f"{table.blocks}.{i}", inputs, table, recipe, dtype, scale_dtype, base, allocated, timings
         )
         blocks[i] = block.to("cpu")
         inputs.hidden = outputs

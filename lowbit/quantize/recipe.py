@@ -71,6 +71,10 @@ class BAQOptions:
         widths: the integer code widths a layer may get.
         theta: exponent of the loss model ``L(R) = L(R_ref) * 2^(-theta (R - R_ref))`` of the closed form.
         samples: calibration windows used to measure the sensitivities (None: all of them).
+        group_sizes: group sizes a layer may use besides the recipe's (cheaper scales for a coarser group);
+            each is resolved per layer like the recipe's group (a group that does not divide a layer's
+            input falls back), so it only adds options where it fits.
+        asymmetric: also offer asymmetric grids (an integer zero point per group, counted in the cost).
         sensitivity: "fisher" (default): each layer's error weighted by the Fisher diagonal of its outputs,
             an estimate of the change of the model's loss, comparable across layers (one forward +
             backward pass of the float model); "hessian": the plain per-layer proxy ``tr(dW H dW^T)``
@@ -81,10 +85,15 @@ class BAQOptions:
     widths: tuple[int, ...] = (2, 3, 4, 8)
     theta: float = 1.95
     samples: int | None = 32
+    group_sizes: tuple[int, ...] = ()
+    asymmetric: bool = False
     sensitivity: str = "fisher"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(sorted(self.widths)))
+        object.__setattr__(self, "group_sizes", tuple(sorted(self.group_sizes)))
+        if any(g <= 0 for g in self.group_sizes):
+            raise LowbitError(f"BAQ group_sizes must be positive, got {self.group_sizes}")
         if not self.widths or any(b not in INT_BITS for b in self.widths):
             raise LowbitError(f"BAQ widths must be a non-empty subset of {INT_BITS}, got {self.widths}")
         if not self.widths[0] <= self.avg_bits:
@@ -148,6 +157,7 @@ class Recipe:
         d["ignore"] = list(self.ignore)
         if self.baq is not None:
             d["baq"]["widths"] = list(self.baq.widths)
+            d["baq"]["group_sizes"] = list(self.baq.group_sizes)
         return d
 
 
@@ -156,29 +166,25 @@ GPTQ = "gptq"
 # Measured on SmolLM2-135M w4a16 (BENCHMARKS.md): act-order + static groups 27.00, group-aware order with
 # on-the-fly group scales and the MSE clipping search 25.80 (float 20.71, RTN 29.96); the presets use the latter.
 GPTQ_BEST = RoundingOptions(order="gar", static_groups=False, mse_clip=True)
-# INT4 groups never pick a strong clip: on SmolLM2's weights (every linear of blocks 0, 10, 20, 29, g64) the
-# full search's smallest choice was p = 0.71 at 4 bits (median 0.89), against 0.50 / 0.44 at 3 / 2 bits.
-# The INT4 presets search p in [0.65, 1] (35 candidates instead of 80): the MSE search was ~70 % of GPTQ's
-# time per block.
-GPTQ_BEST_INT4 = dataclasses.replace(GPTQ_BEST, max_shrink=0.35)
 
 PRESETS: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe("w4a16", "INT4 symmetric group-128 weights (documented group fallback), GPTQ (group-aware order, MSE clipping), float activations",
-               INT4_G128, method=GPTQ, rounding=GPTQ_BEST_INT4),
+               INT4_G128, method=GPTQ, rounding=GPTQ_BEST),
         Recipe("w8a8", "INT8 per-channel symmetric weights (RTN), INT8 dynamic per-token symmetric activations",
                WeightScheme(bits=8, strategy="channel", group_size=None, symmetric=True), ActScheme()),
         Recipe("w4a8", "INT4 group-128 symmetric weights (GPTQ, as w4a16), INT8 dynamic per-token activations",
-               INT4_G128, ActScheme(), method=GPTQ, rounding=GPTQ_BEST_INT4),
+               INT4_G128, ActScheme(), method=GPTQ, rounding=GPTQ_BEST),
         Recipe("w3a16", "INT3 symmetric group-128 weights, GPTQ (group-aware order, MSE clipping)",
                WeightScheme(bits=3, strategy="group", group_size=128), method=GPTQ, rounding=GPTQ_BEST),
         Recipe("w4a16-actorder", "INT4 symmetric group-128 weights, GPTQ act-order + static groups (the reference setting)",
                INT4_G128, method=GPTQ),
         Recipe("w2a16", "INT2 asymmetric group-64 weights, GPTQ (group-aware order, MSE clipping)",
                WeightScheme(bits=2, strategy="group", group_size=64, symmetric=False), method=GPTQ, rounding=GPTQ_BEST),
-        Recipe("baq-3.5", "BAQ: per-layer widths from {2,3,4,8} at 3.5 average bits (scales counted), GPTQ rounding",
-               INT4_G128, method=GPTQ, rounding=GPTQ_BEST, baq=BAQOptions(avg_bits=3.5)),
+        Recipe("baq-3.5", "BAQ: per-layer INT2/3/4/8, group 128 or the model's, symmetric or asymmetric, at 3.5 average "
+               "bits (scales and zero points counted), GPTQ rounding",
+               INT4_G128, method=GPTQ, rounding=GPTQ_BEST, baq=BAQOptions(avg_bits=3.5, group_sizes=(128,), asymmetric=True)),
         Recipe("w4a16-rtn", "INT4 symmetric group-128 weights by round-to-nearest (the baseline GPTQ improves on)",
                INT4_G128),
     )
@@ -212,8 +218,9 @@ def recipe_from_dict(data: Any) -> Recipe:
         d["rounding"] = _build(RoundingOptions, d["rounding"], "recipe.rounding")
     if d.get("baq") is not None:
         baq = dict(d["baq"]) if isinstance(d["baq"], dict) else d["baq"]
-        if isinstance(baq, dict) and isinstance(baq.get("widths"), list):
-            baq["widths"] = tuple(baq["widths"])
+        for key in ("widths", "group_sizes"):
+            if isinstance(baq, dict) and isinstance(baq.get(key), list):
+                baq[key] = tuple(baq[key])
         d["baq"] = _build(BAQOptions, baq, "recipe.baq")
     if "ignore" in d:
         if not isinstance(d["ignore"], (list, tuple)) or not all(isinstance(x, str) for x in d["ignore"]):
