@@ -13,6 +13,8 @@ scales belong to natural groups, so the checkpoint needs no runtime permutation 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
@@ -120,8 +122,27 @@ def gptq(
         return _gptq(W, H, scheme.for_layer(W.shape[1]), scale_dtype, options)
 
 
+# Rows are split across this many threads when there are at least ROWS_PER_THREAD rows per thread:
+# each thread runs the same column loop on its rows (the loop's small ops release the GIL while they run).
+LOOP_THREADS = min(2, os.cpu_count() or 1)
+ROWS_PER_THREAD = 256
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=LOOP_THREADS, thread_name_prefix="lowbit-gptq")
+    return _POOL
+
+
 def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions") -> RoundResult:
-    """The body of :func:`gptq` (scheme already resolved for the layer)."""
+    """The body of :func:`gptq` (scheme already resolved for the layer).
+
+    Everything that depends on H alone (dead columns, order, damping, the inverse factor U) is done once;
+    the column loop then runs on row chunks in parallel. A row's codes, scales and loss depend only on
+    that row, W's other rows never enter its arithmetic, so the result does not depend on the split.
+    """
     out_f, in_f = W.shape
     W = W.float().clone()
     H = H.float().clone()
@@ -129,14 +150,39 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: t
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    grouped = scheme.strategy == "group"
     gs = scheme.columns_per_scale(in_f) if scheme.strategy != "tensor" else in_f
-    static = options.static_groups or not grouped
     perm = column_order(H.diagonal(), gs, options.order)
     U, note = inverse_hessian_factor(H[perm][:, perm], options.damp)
     if U is None:
         return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, f"{note}: fell back to RTN")
 
+    chunks = LOOP_THREADS if scheme.strategy != "tensor" and out_f >= ROWS_PER_THREAD * LOOP_THREADS else 1
+    bounds = [(out_f * k // chunks, out_f * (k + 1) // chunks) for k in range(chunks)]
+
+    def run(b: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        return _column_loop(W[b[0] : b[1]], U, perm, scheme, scale_dtype, options)
+
+    parts = list(_pool().map(run, bounds)) if chunks > 1 else [run(bounds[0])]
+    codes = torch.cat([c for c, _, _, _ in parts])
+    scale = parts[0][1] if scheme.strategy == "tensor" else torch.cat([s for _, s, _, _ in parts])
+    zero = None if parts[0][2] is None else torch.cat([z for _, _, z, _ in parts])
+    loss = torch.cat([l for _, _, _, l in parts])
+    total = float(loss.sum())
+    if not torch.isfinite(torch.tensor(total)):
+        return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, "GPTQ loss not finite: fell back to RTN")
+    return RoundResult(QuantizedWeight(codes, scale, zero, scheme, scale_dtype), total, note, loss)
+
+
+def _column_loop(
+    W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """GPTQ's column loop on rows ``W [rows, in]`` (float32, natural column order) with the upper inverse
+    factor ``U [in, in]`` in processing order ``perm``. Returns (codes int8 ``[rows, in]`` at natural
+    indices, scale ``[rows, G]``, zero ``[rows, G]`` or None, loss per row float32 ``[rows]``)."""
+    out_f, in_f = W.shape
+    grouped = scheme.strategy == "group"
+    gs = scheme.columns_per_scale(in_f) if scheme.strategy != "tensor" else in_f
+    static = options.static_groups or not grouped
     if static:
         clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm) if options.mse_clip else 1.0
         scale, zero = compute_qparams(W, scheme, scale_dtype, clip)  # [out|1, G]
@@ -147,18 +193,20 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: t
     # weights are all inside the current block copy W1 (ALGORITHMS.md §1.6, the intra-block pitfall).
     B = options.block_size if static else max(gs, options.block_size // gs * gs)
 
-    Wp = W[:, perm]  # [out, in] in processing order
+    order = perm.tolist()
+    Wp = W[:, perm]  # [rows, in] in processing order
     codes = torch.empty(out_f, in_f, dtype=torch.int8)
     loss = torch.zeros(out_f)
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
         W1, U1 = Wp[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)
         if static:  # per-column scale / zero of this block, natural group of each column
             s_cols = expand_groups(scale, in_f)[:, perm[i1:i2]].expand(out_f, -1)
             z_cols = None if zero is None else expand_groups(zero, in_f)[:, perm[i1:i2]].float()
         for i in range(i2 - i1):
-            j = int(perm[i1 + i])
+            j = order[i1 + i]
             if static:
                 s, z = s_cols[:, i], (None if z_cols is None else z_cols[:, i])
             else:
@@ -172,16 +220,13 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: t
             w = W1[:, i]
             q = torch.round(w / s) if z is None else torch.round(w / s) + z
             q = q.clamp(scheme.qmin, scheme.qmax)
-            codes[:, j] = q.to(torch.int8)
+            Q1[:, i] = q
             dq = ((q if z is None else q - z) * s).to(scale_dtype).float()  # exactly what dequantize gives
             d = U1[i, i]
             err = (w - dq) / d
             loss += (w - dq).pow(2) / d.pow(2) / 2
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err
+        codes[:, perm[i1:i2]] = Q1.to(torch.int8)
         Wp[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of all later columns
-
-    total = float(loss.sum())
-    if not torch.isfinite(torch.tensor(total)):
-        return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, "GPTQ loss not finite: fell back to RTN")
-    return RoundResult(QuantizedWeight(codes, scale, zero, scheme, scale_dtype), total, note, loss)
+    return codes, scale, zero, loss

@@ -159,3 +159,22 @@ def test_tensor_scales_are_not_stacked() -> None:
     res = round_together(ROUNDERS["rtn"], Ws, H, scheme, torch.float32, RoundingOptions())
     for W, r in zip(Ws, res):
         assert float(r.qweight.scale.reshape(())) == pytest.approx(float(W.abs().max()) / 127, rel=1e-6)
+
+
+@pytest.mark.parametrize("options", [OPTIONS[1], RoundingOptions(mse_clip=True)], ids=["gar-onthefly", "actorder-static"])
+def test_row_split_across_threads_changes_nothing(monkeypatch: pytest.MonkeyPatch, options: RoundingOptions) -> None:
+    import lowbit.quantize.gptq as gptq_module
+
+    g = torch.Generator().manual_seed(7)
+    _, H = _problem(7)
+    W = torch.randn(600, 128, generator=g)
+    scheme = WeightScheme(bits=3, strategy="group", group_size=32, symmetric=False)
+    monkeypatch.setattr(gptq_module, "LOOP_THREADS", 2)
+    monkeypatch.setattr(gptq_module, "ROWS_PER_THREAD", 200)
+    split = gptq(W, H, scheme, torch.float16, options)
+    monkeypatch.setattr(gptq_module, "LOOP_THREADS", 1)
+    whole = gptq(W, H, scheme, torch.float16, options)
+    assert torch.equal(split.qweight.codes, whole.qweight.codes)
+    assert torch.equal(split.qweight.scale, whole.qweight.scale)
+    assert torch.equal(split.qweight.zero, whole.qweight.zero)
+    assert torch.equal(split.row_loss, whole.row_loss)
