@@ -104,6 +104,11 @@ def chain(layer: LayerSensitivity) -> list[Any]:
     return hull
 
 
+def _references(layers: list[LayerSensitivity], r_ref: Any) -> dict[str, Any]:
+    """Layer name -> key of its reference option, from one shared key or a mapping per layer."""
+    return dict(r_ref) if isinstance(r_ref, Mapping) else {l.name: r_ref for l in layers}
+
+
 def closed_form_rates(
     layers: list[LayerSensitivity], r_ref: Any, theta: float, ref_bits: float | None = None
 ) -> dict[str, float]:
@@ -113,7 +118,7 @@ def closed_form_rates(
     width (``r_ref`` itself when keys are widths).
     """
     tiny = 1e-30
-    ref_of = r_ref if isinstance(r_ref, dict) else {l.name: r_ref for l in layers}
+    ref_of = _references(layers, r_ref)
     ref = float(r_ref if ref_bits is None else ref_bits)
     log_e = {l.name: math.log2(max(l.loss[ref_of[l.name]] / l.params, tiny)) for l in layers}
     total = sum(l.params for l in layers)
@@ -138,7 +143,7 @@ def allocate(
     if not layers:
         return {}, {}
     bits = bits or (lambda k: int(k))
-    ref_of = r_ref if isinstance(r_ref, dict) else {l.name: r_ref for l in layers}
+    ref_of = _references(layers, r_ref)
     if any(ref_of.get(l.name) not in l.loss for l in layers):
         raise LowbitError(f"BAQ reference option {r_ref} was not measured for every layer")
     ref_bits = {bits(k) for k in ref_of.values()}

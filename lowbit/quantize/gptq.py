@@ -13,14 +13,13 @@ scales belong to natural groups, so the checkpoint needs no runtime permutation 
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from lowbit.formats.int import compute_qparams, expand_groups, mse_clip
+from lowbit.formats.parallel import WORKERS, worker_pool
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.rounding import RoundResult, register_rounder
@@ -124,16 +123,8 @@ def gptq(
 
 # Rows are split across this many threads when there are at least ROWS_PER_THREAD rows per thread:
 # each thread runs the same column loop on its rows (the loop's small ops release the GIL while they run).
-LOOP_THREADS = min(2, os.cpu_count() or 1)
+LOOP_THREADS = WORKERS
 ROWS_PER_THREAD = 256
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=LOOP_THREADS, thread_name_prefix="lowbit-gptq")
-    return _POOL
 
 
 def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions") -> RoundResult:
@@ -162,7 +153,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: t
     def run(b: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         return _column_loop(W[b[0] : b[1]], U, perm, scheme, scale_dtype, options)
 
-    parts = list(_pool().map(run, bounds)) if chunks > 1 else [run(bounds[0])]
+    parts = list(worker_pool("gptq").map(run, bounds)) if chunks > 1 else [run(bounds[0])]
     codes = torch.cat([c for c, _, _, _ in parts])
     scale = parts[0][1] if scheme.strategy == "tensor" else torch.cat([s for _, s, _, _ in parts])
     zero = None if parts[0][2] is None else torch.cat([z for _, _, z, _ in parts])
