@@ -120,15 +120,25 @@ def fake_quantize(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtyp
     return dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, w.dtype, scale_dtype)
 
 
-def _clip_error(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, p: float, norm: float) -> torch.Tensor:
-    """``sum |Q_p(w) - w|^norm`` per group of ``w [out, in]`` for the shrink factor ``p``: float32 ``[out|1, G]``."""
-    scale, zero = compute_qparams(w, scheme, scale_dtype, clip=p)
-    err = dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, torch.float32, scale_dtype) - w
-    return err.abs().pow(norm).reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
+def _clip_errors(wg: torch.Tensor, P: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, norm: float) -> torch.Tensor:
+    """``sum |Q_p(w) - w|^norm`` per group for each shrink factor in ``P [C]``: float32 ``[C, o, G]``.
 
-
-# Below this many weights a candidate is too small to be worth a thread hand-off.
-MSE_THREAD_MIN = 1 << 14
+    ``wg [o, G, g]`` is the weight in group view; the arithmetic is that of :func:`compute_qparams`,
+    :func:`quantize_codes` and :func:`dequantize_codes`, element for element.
+    """
+    P = P[:, None, None]  # [C, 1, 1]
+    if scheme.symmetric:
+        scale = _store(wg.abs().amax(dim=-1) * P / scheme.qmax, scale_dtype)[..., None]  # [C, o, G, 1]
+        q = torch.round(wg / scale).clamp(scheme.qmin, scheme.qmax)
+        w_hat = (q * scale).to(scale_dtype).float()
+    else:
+        xmin, xmax = wg.amin(dim=-1).clamp_max(0.0) * P, wg.amax(dim=-1).clamp_min(0.0) * P
+        scale = _store((xmax - xmin) / ((1 << scheme.bits) - 1), scale_dtype)
+        zero = torch.round(scheme.qmin - xmin / scale).clamp(scheme.qmin, scheme.qmax)[..., None]
+        scale = scale[..., None]
+        q = (torch.round(wg / scale) + zero).clamp(scheme.qmin, scheme.qmax)
+        w_hat = ((q - zero) * scale).to(scale_dtype).float()
+    return (w_hat - wg).abs().pow(norm).sum(dim=-1)
 
 
 def mse_clip(
@@ -143,26 +153,27 @@ def mse_clip(
 
     Candidates are ``p = 1 - i/grid`` for ``i < max_shrink * grid``; returns float32 ``[out, G]`` (``[1, 1]``
     for a tensor scheme), to pass to :func:`compute_qparams` as ``clip``. The first (largest) ``p`` wins
-    a tie. Candidates are independent, so large weights evaluate them on the worker threads
-    (formats/parallel.py); the choice is made afterwards in candidate order, so it does not depend on
-    the threading.
+    a tie. The candidates are independent, so chunks of them (temporaries of ~256 KiB, cache-resident)
+    are evaluated on the worker threads (formats/parallel.py) (torch releases the GIL inside each op); the choice is made
+    afterwards in candidate order, so the result does not depend on the threading.
     """
     w = w.float()
-    candidates = [1.0 - i / grid for i in range(int(max_shrink * grid))]
-
-    def error(p: float) -> torch.Tensor:
-        return _clip_error(w, scheme, scale_dtype, p, norm)
-
-    if w.numel() >= MSE_THREAD_MIN and WORKERS > 1:
-        errs = list(worker_pool("mse").map(error, candidates))
+    out_f, in_f = w.shape
+    wg = w.reshape(1, 1, -1) if scheme.strategy == "tensor" else group_view(w, scheme.columns_per_scale(in_f))  # [o, G, g]
+    candidates = torch.tensor([1.0 - i / grid for i in range(int(max_shrink * grid))], dtype=torch.float32)
+    chunk = max(1, (1 << 16) // max(wg.numel(), 1))
+    parts = list(candidates.split(chunk))
+    if len(parts) > 1 and WORKERS > 1:
+        errs = list(worker_pool("mse").map(lambda P: _clip_errors(wg, P, scheme, scale_dtype, norm), parts))
     else:
-        errs = [error(p) for p in candidates]
-    best_err = torch.full_like(errs[0], float("inf"))
-    best_p = torch.ones_like(errs[0])
-    for p, err in zip(candidates, errs):
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+        errs = [_clip_errors(wg, P, scheme, scale_dtype, norm) for P in parts]
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    best_p = torch.ones(wg.shape[:2])
+    for P, err in zip(parts, errs):
+        for k in range(err.shape[0]):
+            better = err[k] < best_err
+            best_err = torch.where(better, err[k], best_err)
+            best_p = torch.where(better, P[k], best_p)
     return best_p
 
 

@@ -128,3 +128,36 @@ def test_for_model_then_for_layer() -> None:
     m = s.for_model([576, 1536])
     assert m.group_size == 64 and m.for_layer(1536) == m and m.for_layer(576) == m
     assert s.for_model([64, 172]) == s  # no shared size: each layer falls back on its own
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        WeightScheme(bits=4, strategy="group", group_size=32),
+        WeightScheme(bits=3, strategy="group", group_size=64, symmetric=False),
+        WeightScheme(bits=2, strategy="channel", group_size=None, symmetric=False),
+        WeightScheme(bits=8, strategy="tensor", group_size=None),
+    ],
+    ids=lambda s: f"{s.bits}b-{s.strategy}-{'sym' if s.symmetric else 'asym'}",
+)
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_mse_clip_matches_the_shared_primitives(scheme: WeightScheme, scale_dtype: torch.dtype) -> None:
+    """The search's own arithmetic equals compute_qparams / quantize_codes / dequantize_codes per candidate."""
+    from lowbit.formats.int import compute_qparams, dequantize_codes, mse_clip, quantize_codes
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(300, 256, generator=g) * torch.rand(300, 1, generator=g)  # 76800 weights: threaded path
+    w[5] = 0.0
+    best_err, best_p = None, None
+    for i in range(80):
+        p = 1.0 - i / 100
+        scale, zero = compute_qparams(w, scheme, scale_dtype, clip=p)
+        err = dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, torch.float32, scale_dtype) - w
+        err = err.abs().pow(2.4).reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
+        if best_err is None:
+            best_err, best_p = err, torch.full_like(err, p)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+    assert torch.equal(mse_clip(w, scheme, scale_dtype), best_p)
