@@ -11,7 +11,7 @@ pytest.importorskip("compressed_tensors", reason="the dev extra installs compres
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 
-@pytest.mark.parametrize("recipe", ["w4a16", "w8a8"])
+@pytest.mark.parametrize("recipe", ["w4a16", "w8a8", "w8a8-fp8"])
 def test_transformers_compressed_tensors_logits_match(recipe: str, quantized_stories) -> None:
     out, _ = quantized_stories(recipe)
     ours = lowbit.load(out)
@@ -19,6 +19,40 @@ def test_transformers_compressed_tensors_logits_match(recipe: str, quantized_sto
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         a, b = ours(ids).logits, theirs(ids).logits
-    # Same dequantized weights and, for w8a8, the same per-token activation rounding (absmax / 127.5):
+    # Same dequantized weights and, for w8a8, the same per-token activation rounding (absmax / 127.5; FP8:
+    # absmax / 448 and a round-to-nearest-even cast):
     # the two paths do identical float32 arithmetic, so only summation order could differ.
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4-pack-quantized", "mxfp4-pack-quantized"])
+def test_fp4_tensors_decompress_in_compressed_tensors(fmt: str) -> None:
+    """Our NVFP4/MXFP4 tensors and config args, decoded by compressed-tensors' own compressor, give our weights.
+
+    stories260K's 172-wide MLP has no 16/32-column blocks, so this checks the layout on one layer instead of
+    a whole model. compressed-tensors decompresses FP4 to bfloat16: MXFP4 values (E2M1 times a power of two)
+    are exact there, NVFP4's ``s_b / G`` products are rounded once to bfloat16 (relative error <= 2^-8).
+    """
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from lowbit.formats.checkpoint import LayerScheme, build_quantization_config
+    from lowbit.formats.storage import to_buffers
+    from lowbit.quantize.recipe import PRESETS
+    from lowbit.quantize.rtn import rtn_weight
+
+    scheme = PRESETS["w4a16-nvfp4" if fmt.startswith("nv") else "w4a16-mxfp4"].weights
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    qw = rtn_weight(W, scheme)
+    qc = build_quantization_config({"layer": LayerScheme(scheme, None, fmt)}, [], {})
+    assert qc["format"] == fmt
+    args = dict(qc["config_groups"]["group_0"]["weights"])
+    args["scale_dtype"] = torch.float8_e4m3fn if fmt.startswith("nv") else torch.uint8
+    ct_scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args))
+    theirs = BaseCompressor.load_from_registry(fmt).decompress(dict(to_buffers(qw, torch.float32)), ct_scheme)["weight"]
+    ours = qw.dequantize()
+    if fmt.startswith("mx"):
+        assert torch.equal(theirs.float(), ours)
+    else:
+        torch.testing.assert_close(theirs.float(), ours, rtol=2.0**-8, atol=0.0)
+        assert not torch.equal(theirs.float(), torch.zeros_like(ours))

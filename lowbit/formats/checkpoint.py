@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError
 from lowbit.formats.scheme import ActScheme, WeightScheme
+from lowbit.formats.storage import DUAL, FP8SCALE, MXFP4, NVFP4, STORAGE_FORMATS, storage_format
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "compressed-tensors"
@@ -35,15 +36,23 @@ class LayerScheme:
     format: str
 
 
-def _weight_args(s: WeightScheme) -> dict[str, Any]:
+def _weight_args(s: WeightScheme, fmt: str) -> dict[str, Any]:
+    # compressed-tensors calls NVFP4's group scales under a tensor-wide global scale "tensor_group".
+    strategy = "tensor_group" if fmt == NVFP4 and s.strategy == "group" else s.strategy
     return {
         "num_bits": s.bits,
         "type": s.format,
         "symmetric": s.symmetric,
-        "strategy": s.strategy,
+        "strategy": strategy,
         "group_size": s.group_size,
         "dynamic": False,
     }
+
+
+# Element formats compressed-tensors' args cannot name (its "float" type is E4M3 at 8 bits, E2M1 at 4):
+# stored in the lowbit section, per config group, and these defaults apply when it is absent.
+DEFAULT_FP = {8: "e4m3", 6: "e3m2", 4: "e2m1"}
+SCALE_FORMAT_OF = {NVFP4: "e4m3", MXFP4: "e8m0", DUAL: "dual", FP8SCALE: "e4m3"}
 
 
 def _act_args(a: ActScheme | None) -> dict[str, Any] | None:
@@ -69,7 +78,7 @@ def build_quantization_config(
     config_groups = {
         f"group_{i}": {
             "targets": names,
-            "weights": _weight_args(ls.weights),
+            "weights": _weight_args(ls.weights, ls.format),
             "input_activations": _act_args(ls.activations),
             "output_activations": None,
             "format": ls.format,
@@ -83,18 +92,29 @@ def build_quantization_config(
         "config_groups": config_groups,
         "ignore": list(ignore),
         "kv_cache_scheme": None,
-        "lowbit": {"format_version": FORMAT_VERSION, **lowbit_info},
+        "lowbit": {"format_version": FORMAT_VERSION, **lowbit_info, **_elements(groups)},
     }
 
 
-def _scheme_from_args(w: dict[str, Any], a: dict[str, Any] | None, fmt: str, where: str) -> LayerScheme:
+def _elements(groups: dict[LayerScheme, list[str]]) -> dict[str, Any]:
+    fp = {f"group_{i}": ls.weights.fp for i, ls in enumerate(groups) if ls.weights.fp not in (None, DEFAULT_FP.get(ls.weights.bits))}
+    return {"fp_elements": fp} if fp else {}
+
+
+def _scheme_from_args(w: dict[str, Any], a: dict[str, Any] | None, fmt: str, where: str, fp: str | None = None) -> LayerScheme:
+    if fmt not in STORAGE_FORMATS:
+        raise LowbitError(f"{where}: storage format {fmt!r} is not supported ({', '.join(STORAGE_FORMATS)})")
     try:
+        kind, bits = w.get("type", "int"), int(w["num_bits"])
+        strategy = "group" if w.get("strategy") == "tensor_group" else w.get("strategy", "tensor")
         weights = WeightScheme(
-            format=w.get("type", "int"),
-            bits=int(w["num_bits"]),
-            strategy=w.get("strategy", "tensor"),
-            group_size=w.get("group_size") if w.get("strategy") == "group" else None,
+            format=kind,
+            bits=bits,
+            strategy=strategy,
+            group_size=w.get("group_size") if strategy == "group" else None,
             symmetric=bool(w.get("symmetric", True)),
+            fp=(fp or DEFAULT_FP.get(bits)) if kind == "float" else None,
+            scale_format=SCALE_FORMAT_OF.get(fmt, "float"),
         )
         act = None
         if a is not None:
@@ -104,8 +124,8 @@ def _scheme_from_args(w: dict[str, Any], a: dict[str, Any] | None, fmt: str, whe
                             symmetric=bool(a.get("symmetric", True)))
     except (KeyError, TypeError, ValueError) as e:
         raise LowbitError(f"{where}: malformed quantization args ({e})") from None
-    if fmt not in ("pack-quantized", "int-quantized"):
-        raise LowbitError(f"{where}: storage format {fmt!r} is not supported (pack-quantized, int-quantized)")
+    if storage_format(weights) != fmt:
+        raise LowbitError(f"{where}: {weights.name} weights are not stored as {fmt!r}")
     return LayerScheme(weights, act, fmt)
 
 
@@ -122,7 +142,8 @@ def parse_quantization_config(qc: Any) -> tuple[list[tuple[list[str], LayerSchem
         if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
             raise LowbitError(f"{where}: needs a 'weights' mapping")
         fmt = g.get("format") or qc.get("format")
-        groups.append((list(g.get("targets", [])), _scheme_from_args(g["weights"], g.get("input_activations"), fmt, where)))
+        fp = (qc.get("lowbit", {}).get("fp_elements") or {}).get(gname)
+        groups.append((list(g.get("targets", [])), _scheme_from_args(g["weights"], g.get("input_activations"), fmt, where, fp)))
     if not groups:
         raise LowbitError("quantization_config has no config_groups")
     return groups, list(qc.get("ignore") or [])

@@ -6,12 +6,17 @@ A rounding method is a function of (W, statistics, WeightScheme) and returns a Q
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lowbit.errors import LowbitError
 
 INT_BITS = (2, 3, 4, 5, 6, 7, 8)
 STRATEGIES = ("tensor", "channel", "group")
+FORMATS = ("int", "float")
+# Element formats of formats/fp.py by width: the "float" weight format names one of them in ``fp``.
+FP_ELEMENTS = {"e4m3": 8, "e5m2": 8, "e3m2": 6, "e2m3": 6, "e2m1": 4}
+# How the (group) scales are stored, see WeightScheme.scale_format.
+SCALE_FORMATS = ("float", "e8m0", "e4m3", "dual")
 # Power-of-two group sizes that real kernels (Marlin, Machete, our Triton W4A16) accept.
 MIN_FALLBACK_GROUP = 32
 
@@ -21,12 +26,21 @@ class WeightScheme:
     """How a weight matrix ``W [out, in]`` is quantized.
 
     Attributes:
-        format: number format; "int" for the integer grids of this module.
-        bits: bits per code (2-8 for "int").
+        format: "int" (integer codes, formats/int.py) or "float" (a small float grid, formats/fp.py).
+        bits: bits per code (2-8 for "int"; the element's width for "float").
         strategy: "tensor" (one scale), "channel" (one scale per output row) or "group"
             (one scale per ``group_size`` consecutive input columns of each row).
         group_size: columns per group when strategy == "group".
-        symmetric: signed grid with no zero point, else an asymmetric grid with an integer zero point.
+        symmetric: signed grid with no zero point, else an asymmetric grid with an integer zero point
+            ("int" only).
+        fp: the element format of a "float" scheme: "e4m3", "e5m2" (FP8), "e3m2", "e2m3" (FP6), "e2m1" (FP4).
+        scale_format: how the scales are stored (docs/FORMAT.md):
+            "float": in the model dtype (INT, FP8, FP6);
+            "e8m0": power-of-two E8M0 group scales (MXFP4, group 32);
+            "e4m3": FP8 E4M3 group scales times one float32 per-tensor scale (NVFP4 with group 16;
+                FireQ's INT4 with a power-of-two tensor scale);
+            "dual": DGQ's dual-grained scales, integer INT8 group multipliers times a float32
+                per-channel scale (INT4 only; the group grid is narrowed so ``(q - z) m`` fits INT8).
     """
 
     format: str = "int"
@@ -34,12 +48,36 @@ class WeightScheme:
     strategy: str = "group"
     group_size: int | None = 128
     symmetric: bool = True
+    fp: str | None = None
+    scale_format: str = "float"
 
     def __post_init__(self) -> None:
-        if self.format != "int":
-            raise LowbitError(f"unknown weight format {self.format!r}; valid: int")
-        if self.bits not in INT_BITS:
-            raise LowbitError(f"int weights take bits in {INT_BITS}, got {self.bits}")
+        if self.format not in FORMATS:
+            raise LowbitError(f"unknown weight format {self.format!r}; valid: {', '.join(FORMATS)}")
+        if self.scale_format not in SCALE_FORMATS:
+            raise LowbitError(f"unknown scale format {self.scale_format!r}; valid: {', '.join(SCALE_FORMATS)}")
+        if self.format == "int":
+            if self.bits not in INT_BITS:
+                raise LowbitError(f"int weights take bits in {INT_BITS}, got {self.bits}")
+            if self.fp is not None:
+                raise LowbitError("an int scheme has no fp element format")
+            if self.scale_format == "e8m0":
+                raise LowbitError("E8M0 scales are for FP4 (MXFP4) weights")
+            if self.scale_format == "e4m3" and not self.symmetric:
+                raise LowbitError("E4M3 group scales (FireQ) need a symmetric int grid")
+            if self.scale_format == "dual" and self.bits != 4:
+                raise LowbitError("dual-grained scales (DGQ) are for 4-bit weights")
+        else:
+            if self.fp not in FP_ELEMENTS:
+                raise LowbitError(f"a float scheme needs fp in {', '.join(FP_ELEMENTS)}, got {self.fp!r}")
+            if FP_ELEMENTS[self.fp] != self.bits:
+                raise LowbitError(f"fp element {self.fp} has {FP_ELEMENTS[self.fp]} bits, not {self.bits}")
+            if not self.symmetric:
+                raise LowbitError("float grids are symmetric (no zero point)")
+            if self.scale_format == "dual":
+                raise LowbitError("dual-grained scales are for int4 weights")
+            if self.scale_format == "e8m0" and self.fp != "e2m1":
+                raise LowbitError("E8M0 scales (MX) are supported for FP4 E2M1 elements")
         if self.strategy not in STRATEGIES:
             raise LowbitError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if self.strategy == "group":
@@ -47,6 +85,20 @@ class WeightScheme:
                 raise LowbitError("strategy 'group' needs a positive group_size")
         elif self.group_size is not None:
             raise LowbitError(f"group_size is only meaningful with strategy 'group', not {self.strategy!r}")
+
+    @property
+    def is_plain_int(self) -> bool:
+        """An integer grid with float scales: the grid of formats/int.py that every int path understands."""
+        return self.format == "int" and self.scale_format == "float"
+
+    @property
+    def name(self) -> str:
+        """Short human name, e.g. ``int4 g64 sym``, ``fp4-e2m1 g16 e4m3-scales``."""
+        elem = f"int{self.bits}" if self.format == "int" else f"fp{self.bits}-{self.fp}"
+        shape = f"g{self.group_size}" if self.strategy == "group" else self.strategy
+        extra = "" if self.scale_format == "float" else f" {self.scale_format}-scales"
+        sym = "" if self.format == "float" else (" sym" if self.symmetric else " asym")
+        return f"{elem} {shape}{sym}{extra}"
 
     @property
     def qmin(self) -> int:
@@ -71,7 +123,7 @@ class WeightScheme:
         g = model_group_size(in_features, self.group_size or 0)
         if g is None or g == self.group_size:
             return self
-        return WeightScheme(self.format, self.bits, "group", g, self.symmetric)
+        return replace(self, group_size=g)
 
     def for_layer(self, in_features: int) -> "WeightScheme":
         """The scheme actually applied to a layer: the group fallback made explicit (channel or a smaller group)."""
@@ -81,8 +133,12 @@ class WeightScheme:
         if g == self.group_size:
             return self
         if g == in_features:
-            return WeightScheme(self.format, self.bits, "channel", None, self.symmetric)
-        return WeightScheme(self.format, self.bits, "group", g, self.symmetric)
+            return replace(self, strategy="channel", group_size=None)
+        return replace(self, group_size=g)
+
+    def per_row(self) -> "WeightScheme":
+        """This grid with one scale per output row (what one group of columns is, seen on its own)."""
+        return replace(self, strategy="channel", group_size=None)
 
 
 @dataclass(frozen=True)
@@ -90,8 +146,8 @@ class ActScheme:
     """How the input activations of a linear are quantized at run time.
 
     Attributes:
-        format: "int" (INT8 here).
-        bits: bits per code.
+        format: "int" (INT8) or "float" (FP8 E4M3).
+        bits: bits per code (8).
         strategy: "token" — one scale per row (token) computed dynamically from that row's absmax.
         symmetric: only symmetric activations are supported.
     """
@@ -102,8 +158,8 @@ class ActScheme:
     symmetric: bool = True
 
     def __post_init__(self) -> None:
-        if self.format != "int" or self.bits != 8:
-            raise LowbitError(f"activation quantization supports int 8-bit only, got {self.format} {self.bits}")
+        if self.format not in FORMATS or self.bits != 8:
+            raise LowbitError(f"activation quantization supports int8 and float8 (e4m3) only, got {self.format} {self.bits}")
         if self.strategy != "token":
             raise LowbitError(f"activation strategy must be 'token' (dynamic per token), got {self.strategy!r}")
         if not self.symmetric:

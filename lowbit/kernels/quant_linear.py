@@ -1,13 +1,12 @@
-"""QuantLinear: a linear layer that holds packed weights, dequantizes them and, for A8 schemes,
-quantizes its input per token — the torch reference path that the Triton kernels will sit behind.
+"""QuantLinear: a linear layer that holds a quantized weight in its stored form and runs it.
 
-Its buffers carry the compressed-tensors names, so ``state_dict()`` *is* the checkpoint content:
+Its buffers carry the compressed-tensors names of formats/storage.py, so ``state_dict()`` *is* the
+checkpoint content. ``forward`` takes one of two paths, chosen by kernels/dispatch.py:
 
-* "pack-quantized": ``weight_packed`` int32 ``[out, ceil(in*bits/32)]`` (formats/packing.py),
-  ``weight_scale`` ``[out, G]`` in the model dtype, ``weight_shape`` int64 ``[2]`` and, when asymmetric,
-  ``weight_zero_point`` int32 ``[ceil(out*bits/32), G]`` (signed zero points packed along the output dim);
-* "int-quantized" (8-bit): ``weight`` int8 ``[out, in]``, ``weight_scale`` ``[out, G]``, and when
-  asymmetric ``weight_zero_point`` int8 ``[out, G]``.
+* torch (the reference and CPU fallback): the weight is decoded once with the shared grid primitives and
+  cached, activations are quantized and dequantized per token (the fake-quant simulation), then ``F.linear``;
+* triton: the packed tensors go straight to the format's Triton GEMM (docs/KERNELS.md); a format/activation
+  pair without a kernel takes the torch path.
 """
 
 from __future__ import annotations
@@ -16,18 +15,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.formats.fp import E4M3
 from lowbit.formats.int import quantize_activation_per_token
-from lowbit.formats.packing import pack_codes, unpack_codes
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import ActScheme, WeightScheme
+from lowbit.formats.storage import DUAL, FLOAT8, FP6, FP8SCALE, INT, MXFP4, NVFP4, PACKED, empty_buffers, from_buffers, storage_format, to_buffers
+from lowbit.kernels.dispatch import Backend, resolve_backend
 
-PACKED = "pack-quantized"
-INT = "int-quantized"
+__all__ = ["QuantLinear", "storage_format", "PACKED", "INT", "fake_quantize_activation"]
 
 
-def storage_format(scheme: WeightScheme) -> str:
-    """compressed-tensors format for a weight scheme: 8-bit codes are stored unpacked as int8."""
-    return INT if scheme.bits == 8 else PACKED
+def fake_quantize_activation(x: torch.Tensor, act: ActScheme) -> torch.Tensor:
+    """``x [..., K]`` quantized per token and dequantized, in ``x.dtype``: exactly the GEMM's input.
+
+    INT8: compressed-tensors' ``absmax / 127.5`` convention (formats/int.py); FP8: ``s = absmax / 448``,
+    ``q = e4m3(x / s)`` (round to nearest even, saturating).
+    """
+    if act.format == "int":
+        q, s = quantize_activation_per_token(x, act.bits)
+        return (q.float() * s).to(x.dtype)
+    xf = x.float()
+    s = (xf.abs().amax(dim=-1, keepdim=True) / E4M3.max).clamp_min(1e-12)
+    # torch's cast rounds to nearest even (= formats.fp.round_to_fp, tested) and is 4x faster on the big
+    # calibration batches; the clamp keeps it saturating.
+    q = (xf / s).clamp(-E4M3.max, E4M3.max).to(torch.float8_e4m3fn)
+    return (q.float() * s).to(x.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -37,8 +49,9 @@ class QuantLinear(nn.Module):
         in_features, out_features: the float layer's shape.
         scheme: weight scheme as applied to this layer (group fallback resolved).
         act: activation scheme or None for weight-only.
-        dtype: the model's float dtype: scales, bias and the dequantized weight use it.
+        dtype: the model's float dtype: float scales, bias and the output use it.
         bias: whether the layer has a bias.
+        backend: kernel choice (kernels/dispatch.py), resolved per call from the input's device.
     """
 
     def __init__(
@@ -49,25 +62,18 @@ class QuantLinear(nn.Module):
         act: ActScheme | None,
         dtype: torch.dtype = torch.float32,
         bias: bool = False,
+        backend: Backend | str = Backend.AUTO,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.act, self.dtype = scheme, act, dtype
         self.format = storage_format(scheme)
-        n_groups = 1 if scheme.strategy != "group" else in_features // scheme.columns_per_scale(in_features)
-        scale_rows = 1 if scheme.strategy == "tensor" else out_features
-        if self.format == PACKED:
-            words = -(-in_features * scheme.bits // 32)
-            self.register_buffer("weight_packed", torch.zeros(out_features, words, dtype=torch.int32))
-            self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
-        else:
-            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(scale_rows, n_groups, dtype=dtype))
-        if not scheme.symmetric:
-            zp = torch.zeros(scale_rows, n_groups, dtype=torch.int8)
-            self.register_buffer("weight_zero_point", pack_codes(zp, scheme.bits, dim=0) if self.format == PACKED else zp)
+        self.backend = Backend(backend)
+        for name, t in empty_buffers(scheme, out_features, in_features, dtype).items():
+            self.register_buffer(name, t)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self._w_hat: torch.Tensor | None = None  # dequantized weight cache (reference path only)
+        self._w_hat: torch.Tensor | None = None  # dequantized weight cache (torch path only)
+        self._kernel_args: tuple | None = None  # per-layer tensors the Triton path derives once
 
     @classmethod
     def from_quantized(
@@ -81,48 +87,57 @@ class QuantLinear(nn.Module):
             layer.bias.data.copy_(bias.to(dtype))
         return layer
 
+    def _stored(self) -> dict[str, torch.Tensor]:
+        return {name: b for name, b in self.named_buffers(recurse=False)}
+
     def set_quantized(self, qw: QuantizedWeight) -> None:
-        """Store ``qw``'s codes, scales and zero points in this layer's buffers."""
-        if self.format == PACKED:
-            self.weight_packed.copy_(qw.packed())
-        else:
-            self.weight.copy_(qw.codes)
-        self.weight_scale.copy_(qw.scale.to(self.dtype))
-        if qw.zero is not None:
-            zp = pack_codes(qw.zero, self.scheme.bits, dim=0) if self.format == PACKED else qw.zero
-            self.weight_zero_point.copy_(zp)
-        self._w_hat = None
+        """Store ``qw``'s codes and scales in this layer's buffers."""
+        stored = self._stored()
+        for name, t in to_buffers(qw, self.dtype).items():
+            stored[name].copy_(t)
+        self._w_hat = self._kernel_args = None
 
     def quantized_weight(self) -> QuantizedWeight:
         """Decode the buffers back to a QuantizedWeight."""
-        if self.format == PACKED:
-            codes = unpack_codes(self.weight_packed, self.scheme.bits, self.in_features)
-        else:
-            codes = self.weight
-        zero = getattr(self, "weight_zero_point", None)
-        if zero is not None and self.format == PACKED:
-            zero = unpack_codes(zero, self.scheme.bits, self.weight_scale.shape[0], dim=0)
-        return QuantizedWeight(codes, self.weight_scale.float(), zero, self.scheme, self.dtype)
+        return from_buffers(self._stored(), self.scheme, self.out_features, self.in_features, self.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """``W_hat [out, in]`` in the model dtype, decoded once and cached (the reference path trades memory for speed)."""
+        """``W_hat [out, in]`` in the model dtype, decoded once and cached (the torch path trades memory for speed)."""
         if self._w_hat is None:
             self._w_hat = self.quantized_weight().dequantize(self.dtype)
         return self._w_hat
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self._w_hat = None  # new codes invalidate the cache
+        self._w_hat = self._kernel_args = None  # new codes invalidate the caches
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._w_hat = self._kernel_args = None  # .to(device) moves the buffers: rebuild the caches there
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` in the model dtype -> ``[..., out]``."""
+        if resolve_backend(self.backend, x.device.type) is Backend.TRITON:
+            y = self._triton_forward(x.reshape(-1, self.in_features))
+            if y is not None:
+                y = y.reshape(*x.shape[:-1], self.out_features)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.act is not None:
-            q, s = quantize_activation_per_token(x, self.act.bits)
-            x = (q.float() * s).to(x.dtype)  # simulate the INT8 GEMM input exactly
+            x = fake_quantize_activation(x, self.act)
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
+    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The Triton GEMM for this layer's format on ``x [M, K]``, or None where no kernel covers it."""
+        from lowbit.kernels import triton_gemms
+
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if self._kernel_args is None:
+            self._kernel_args = triton_gemms.prepare(self)
+        if self._kernel_args == ():
+            return None
+        return triton_gemms.run(self, x, self._kernel_args)
+
     def extra_repr(self) -> str:
-        a = "none" if self.act is None else f"int{self.act.bits}/{self.act.strategy}"
-        g = f" g{self.scheme.group_size}" if self.scheme.strategy == "group" else f" {self.scheme.strategy}"
-        sym = "sym" if self.scheme.symmetric else "asym"
-        return f"in={self.in_features}, out={self.out_features}, w=int{self.scheme.bits}{g} {sym}, a={a}"
+        a = "none" if self.act is None else f"{self.act.format}{self.act.bits}/{self.act.strategy}"
+        return f"in={self.in_features}, out={self.out_features}, w={self.scheme.name}, format={self.format}, a={a}"

@@ -56,7 +56,7 @@ def load(
             continue
         ls = scheme_for(name, type(module).__name__, groups, ignore)
         if ls is not None:
-            ql = QuantLinear(module.in_features, module.out_features, ls.weights, ls.activations, dtype, module.bias is not None)
+            ql = QuantLinear(module.in_features, module.out_features, ls.weights, ls.activations, dtype, module.bias is not None, backend)
             set_module(model, name, ql)
 
     tensors = _read_tensors(model_dir)

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from lowbit.formats.grid import GridParams, compute_params, dequantize_values, round_values
 from lowbit.formats.int import compute_qparams, expand_groups, mse_clip
 from lowbit.formats.parallel import WORKERS, worker_pool
-from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.rounding import RoundResult, register_rounder
-from lowbit.quantize.rtn import rtn_weight
+from lowbit.quantize.rtn import from_values, rtn_weight
 
 if TYPE_CHECKING:
     from lowbit.quantize.recipe import RoundingOptions
@@ -80,7 +80,7 @@ def _group_params(
     cols: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point ``[out, 1]`` of one group of columns ``[out, g]``."""
-    per_row = WeightScheme(scheme.format, scheme.bits, "channel", None, scheme.symmetric)
+    per_row = scheme.per_row()
     clip = 1.0
     if options.mse_clip:
         clip = mse_clip(cols, per_row, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm)
@@ -147,36 +147,52 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: t
     if U is None:
         return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, f"{note}: fell back to RTN")
 
+    # Static parameters come from the whole weight (grids other than plain int have tensor-wide or
+    # per-row parts, so their groups are always static); on-the-fly group scales come from the loop.
+    static = options.static_groups or scheme.strategy != "group" or not scheme.is_plain_int
+    params = None
+    if static:
+        search = options.mse_clip and scheme.is_plain_int
+        clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm) if search else 1.0
+        params = compute_params(W, scheme, scale_dtype, clip)
+
     chunks = LOOP_THREADS if scheme.strategy != "tensor" and out_f >= ROWS_PER_THREAD * LOOP_THREADS else 1
     bounds = [(out_f * k // chunks, out_f * (k + 1) // chunks) for k in range(chunks)]
 
-    def run(b: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        return _column_loop(W[b[0] : b[1]], U, perm, scheme, scale_dtype, options)
+    def run(b: tuple[int, int]) -> tuple[torch.Tensor, GridParams, torch.Tensor]:
+        part = None if params is None else (params if chunks == 1 else params.rows(b[0], b[1]))
+        return _column_loop(W[b[0] : b[1]], U, perm, scheme, scale_dtype, options, part)
 
     parts = list(worker_pool("gptq").map(run, bounds)) if chunks > 1 else [run(bounds[0])]
-    codes = torch.cat([c for c, _, _, _ in parts])
-    scale = parts[0][1] if scheme.strategy == "tensor" else torch.cat([s for _, s, _, _ in parts])
-    zero = None if parts[0][2] is None else torch.cat([z for _, _, z, _ in parts])
-    loss = torch.cat([l for _, _, _, l in parts])
+    values = torch.cat([q for q, _, _ in parts])
+    if params is None:
+        zero = None if parts[0][1].zero is None else torch.cat([p.zero for _, p, _ in parts])
+        params = GridParams(torch.cat([p.scale for _, p, _ in parts]), zero)
+    loss = torch.cat([l for _, _, l in parts])
     total = float(loss.sum())
     if not torch.isfinite(torch.tensor(total)):
         return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, "GPTQ loss not finite: fell back to RTN")
-    return RoundResult(QuantizedWeight(codes, scale, zero, scheme, scale_dtype), total, note, loss)
+    return RoundResult(from_values(values, params, scheme, scale_dtype), total, note, loss)
 
 
 def _column_loop(
-    W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    W: torch.Tensor,
+    U: torch.Tensor,
+    perm: torch.Tensor,
+    scheme: WeightScheme,
+    scale_dtype: torch.dtype,
+    options: "RoundingOptions",
+    params: GridParams | None,
+) -> tuple[torch.Tensor, GridParams, torch.Tensor]:
     """GPTQ's column loop on rows ``W [rows, in]`` (float32, natural column order) with the upper inverse
-    factor ``U [in, in]`` in processing order ``perm``. Returns (codes int8 ``[rows, in]`` at natural
-    indices, scale ``[rows, G]``, zero ``[rows, G]`` or None, loss per row float32 ``[rows]``)."""
+    factor ``U [in, in]`` in processing order ``perm``, on static grid ``params`` of these rows, or with
+    plain-int group scales computed on the fly when ``params`` is None. Returns (grid values float32
+    ``[rows, in]`` at natural indices (formats/grid.py), the parameters, loss per row float32 ``[rows]``)."""
     out_f, in_f = W.shape
-    grouped = scheme.strategy == "group"
     gs = scheme.columns_per_scale(in_f) if scheme.strategy != "tensor" else in_f
-    static = options.static_groups or not grouped
-    if static:
-        clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm) if options.mse_clip else 1.0
-        scale, zero = compute_qparams(W, scheme, scale_dtype, clip)  # [out|1, G]
+    static = params is not None
+    if params is not None:
+        scale, zero = params.scale, params.zero  # [out|1, G]
     else:
         scale = torch.empty(out_f, in_f // gs)
         zero = None if scheme.symmetric else torch.empty(out_f, in_f // gs, dtype=torch.int8)
@@ -186,7 +202,7 @@ def _column_loop(
 
     order = perm.tolist()
     Wp = W[:, perm]  # [rows, in] in processing order
-    codes = torch.empty(out_f, in_f, dtype=torch.int8)
+    codes = torch.empty(out_f, in_f)  # grid values (formats/grid.py), at natural column indices
     loss = torch.zeros(out_f)
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
@@ -198,26 +214,33 @@ def _column_loop(
             z_cols = None if zero is None else expand_groups(zero, in_f)[:, perm[i1:i2]].float()
         for i in range(i2 - i1):
             j = order[i1 + i]
-            if static:
-                s, z = s_cols[:, i], (None if z_cols is None else z_cols[:, i])
-            else:
-                g = j // gs
-                if (i1 + i) % gs == 0:  # a group starts: its scale from the compensated weights
-                    s_g, z_g = _group_params(W1[:, i : i + gs], scheme, scale_dtype, options)
-                    scale[:, g] = s_g[:, 0]
-                    if zero is not None:
-                        zero[:, g] = z_g[:, 0]
-                s, z = scale[:, g], (None if zero is None else zero[:, g].float())
             w = W1[:, i]
-            q = torch.round(w / s) if z is None else torch.round(w / s) + z
-            q = q.clamp(scheme.qmin, scheme.qmax)
+            if params is not None and not scheme.is_plain_int:  # any grid, through formats/grid.py
+                col = GridParams(s_cols[:, i : i + 1], None if z_cols is None else z_cols[:, i : i + 1],
+                                 params.global_scale, params.channel_scale)
+                q = round_values(w[:, None], col, scheme)
+                dq = dequantize_values(q, col, scheme, None, scale_dtype)[:, 0]
+                q = q[:, 0]
+            else:  # the plain int grid inline: the hot path of every INT preset
+                if static:
+                    s, z = s_cols[:, i], (None if z_cols is None else z_cols[:, i])
+                else:
+                    g = j // gs
+                    if (i1 + i) % gs == 0:  # a group starts: its scale from the compensated weights
+                        s_g, z_g = _group_params(W1[:, i : i + gs], scheme, scale_dtype, options)
+                        scale[:, g] = s_g[:, 0]
+                        if zero is not None:
+                            zero[:, g] = z_g[:, 0]
+                    s, z = scale[:, g], (None if zero is None else zero[:, g].float())
+                q = torch.round(w / s) if z is None else torch.round(w / s) + z
+                q = q.clamp(scheme.qmin, scheme.qmax)
+                dq = ((q if z is None else q - z) * s).to(scale_dtype).float()  # exactly what dequantize gives
             Q1[:, i] = q
-            dq = ((q if z is None else q - z) * s).to(scale_dtype).float()  # exactly what dequantize gives
             d = U1[i, i]
             err = (w - dq) / d
             loss += (w - dq).pow(2) / d.pow(2) / 2
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err
-        codes[:, perm[i1:i2]] = Q1.to(torch.int8)
+        codes[:, perm[i1:i2]] = Q1
         Wp[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of all later columns
-    return codes, scale, zero, loss
+    return codes, params if params is not None else GridParams(scale, zero), loss

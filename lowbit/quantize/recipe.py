@@ -187,6 +187,23 @@ PRESETS: dict[str, Recipe] = {
                INT4_G128, method=GPTQ, rounding=GPTQ_BEST, baq=BAQOptions(avg_bits=3.5, group_sizes=(128,), asymmetric=True)),
         Recipe("w4a16-rtn", "INT4 symmetric group-128 weights by round-to-nearest (the baseline GPTQ improves on)",
                INT4_G128),
+        Recipe("w4a16-nvfp4", "NVFP4 weights: FP4 E2M1, blocks of 16 with E4M3 scales and one FP32 global scale, GPTQ; "
+               "float activations", WeightScheme("float", 4, "group", 16, fp="e2m1", scale_format="e4m3"),
+               method=GPTQ, rounding=GPTQ_BEST),
+        Recipe("w4a16-mxfp4", "MXFP4 weights: FP4 E2M1, blocks of 32 with power-of-two E8M0 scales, GPTQ; float activations",
+               WeightScheme("float", 4, "group", 32, fp="e2m1", scale_format="e8m0"), method=GPTQ, rounding=GPTQ_BEST),
+        Recipe("w6a16-fp6", "FP6 E3M2 weights with one scale per output channel (FP6-LLM), GPTQ; float activations",
+               WeightScheme("float", 6, "channel", None, fp="e3m2"), method=GPTQ, rounding=GPTQ_BEST),
+        Recipe("w8a8-fp8", "FP8 E4M3 per-channel weights (RTN), FP8 E4M3 dynamic per-token activations",
+               WeightScheme("float", 8, "channel", None, fp="e4m3"), ActScheme(format="float")),
+        Recipe("w4a8-dgq", "DGQ A8W4: INT4 asymmetric group-128 weights with INT8 group multipliers and a per-channel "
+               "scale (dual-grained), GPTQ; INT8 dynamic per-token activations",
+               WeightScheme("int", 4, "group", 128, symmetric=False, scale_format="dual"), ActScheme(),
+               method=GPTQ, rounding=GPTQ_BEST),
+        Recipe("w4a8-fp8", "FireQ: INT4 symmetric group-128 weights with E4M3 group scales and a power-of-two tensor "
+               "scale, GPTQ; FP8 E4M3 dynamic per-token activations",
+               WeightScheme("int", 4, "group", 128, scale_format="e4m3"), ActScheme(format="float"),
+               method=GPTQ, rounding=GPTQ_BEST),
     )
 }
 

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lowbit.formats.int import compute_qparams, mse_clip, quantize_codes
+from lowbit.formats.grid import GridParams, compute_params, round_values, values_to_codes
+from lowbit.formats.int import mse_clip
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.rounding import RoundResult, register_rounder
@@ -18,13 +19,23 @@ if TYPE_CHECKING:
 def rtn_weight(
     W: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype = torch.float32, options: "RoundingOptions | None" = None
 ) -> QuantizedWeight:
-    """Quantize ``W [out, in]`` (any float dtype) by round-to-nearest, resolving the group fallback first."""
+    """Quantize ``W [out, in]`` (any float dtype) by round-to-nearest, resolving the group fallback first.
+
+    The MSE clipping search applies to plain int grids; the other grids take their scales as formats/grid.py
+    defines them.
+    """
     scheme = scheme.for_layer(W.shape[1])
     clip = 1.0
-    if options is not None and options.mse_clip:
+    if options is not None and options.mse_clip and scheme.is_plain_int:
         clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm)
-    scale, zero = compute_qparams(W, scheme, scale_dtype, clip)
-    return QuantizedWeight(quantize_codes(W, scale, zero, scheme), scale, zero, scheme, scale_dtype)
+    params = compute_params(W, scheme, scale_dtype, clip)
+    return from_values(round_values(W, params, scheme, W.shape[1]), params, scheme, scale_dtype)
+
+
+def from_values(q: torch.Tensor, params: GridParams, scheme: WeightScheme, scale_dtype: torch.dtype) -> QuantizedWeight:
+    """A QuantizedWeight from grid values ``q [out, in]`` (formats/grid.round_values) and their parameters."""
+    return QuantizedWeight(values_to_codes(q, scheme), params.scale, params.zero, scheme, scale_dtype,
+                           params.global_scale, params.channel_scale)
 
 
 @register_rounder("rtn", needs_hessian=False)

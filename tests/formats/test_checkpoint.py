@@ -65,7 +65,9 @@ def test_newer_version_is_refused() -> None:
         {"quant_method": "gptq"},
         {"quant_method": "compressed-tensors", "config_groups": {}},
         {"quant_method": "compressed-tensors", "config_groups": {"g": {"targets": ["Linear"]}}},
-        {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+        {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",  # int args, FP4 storage
+         "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "channel"}}}},
+        {"quant_method": "compressed-tensors", "format": "fp5-packed",
          "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "channel"}}}},
     ],
 )

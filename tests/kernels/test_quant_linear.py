@@ -71,10 +71,51 @@ def test_bf16_model_dtype() -> None:
     assert torch.equal(layer(x), F.linear(x, fake_quantize(W, SCHEMES[0], torch.bfloat16)))
 
 
-def test_backend_resolution() -> None:
+def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert resolve_backend("auto", "cpu") is Backend.TORCH
     assert resolve_backend(Backend.TORCH, "cpu") is Backend.TORCH
     with pytest.raises(LowbitError, match="valid: auto, triton, torch"):
         resolve_backend("cutlass", "cpu")
     with pytest.raises(LowbitError):
         resolve_backend("triton", "cpu")
+
+
+FP_LAYERS = {
+    "w8a8-fp8": (WeightScheme("float", 8, "channel", None, fp="e4m3"), ActScheme(format="float")),
+    "w6a16-fp6": (WeightScheme("float", 6, "channel", None, fp="e3m2"), None),
+    "w4a16-nvfp4": (WeightScheme("float", 4, "group", 16, fp="e2m1", scale_format="e4m3"), None),
+    "w4a16-mxfp4": (WeightScheme("float", 4, "group", 32, fp="e2m1", scale_format="e8m0"), None),
+    "w4a8-dgq": (WeightScheme("int", 4, "group", 64, symmetric=False, scale_format="dual"), ActScheme()),
+    "w4a8-fp8": (WeightScheme("int", 4, "group", 64, scale_format="e4m3"), ActScheme(format="float")),
+}
+
+
+@pytest.mark.parametrize("name", FP_LAYERS)
+def test_every_grid_runs_as_its_fake_quant(name: str) -> None:
+    from lowbit.kernels.quant_linear import fake_quantize_activation
+
+    scheme, act = FP_LAYERS[name]
+    torch.manual_seed(0)
+    W, b, x = torch.randn(48, 128) * 0.05, torch.randn(48), torch.randn(3, 5, 128)
+    qw = rtn(W, scheme)
+    layer = QuantLinear.from_quantized(qw, act, torch.float32, b)
+    x_in = x if act is None else fake_quantize_activation(x, act)
+    assert torch.equal(layer(x), F.linear(x_in, qw.dequantize(), b))
+    # the buffers hold it all: a fresh layer loading the state dict computes the same
+    dst = QuantLinear(128, 48, scheme, act, torch.float32, bias=True)
+    dst.load_state_dict(layer.state_dict())
+    assert torch.equal(dst(x), layer(x))
+
+
+def test_fp8_activation_rounding() -> None:
+    from lowbit.kernels.quant_linear import fake_quantize_activation
+
+    from lowbit.formats.fp import E4M3, round_to_fp
+
+    x = torch.randn(64, 256) * 3
+    x[0, :4] = torch.tensor([1.0, -1.0, 1.0 + 1 / 16, 1.0 + 3 / 16]) * x[0].abs().max()  # exact ties after scaling
+    xq = fake_quantize_activation(x, ActScheme(format="float"))
+    s = x.abs().amax(-1, keepdim=True) / 448
+    assert torch.equal(xq, round_to_fp(x / s, E4M3) * s)
+    assert 0 < float((xq - x).abs().max()) <= float(x.abs().max()) / 16  # 3 mantissa bits

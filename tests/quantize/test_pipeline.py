@@ -17,8 +17,13 @@ from lowbit.quantize.pipeline import quantize_model
 from lowbit.quantize.report import inspect_dir
 from transformers import AutoTokenizer
 
-PRESETS = ["w4a16", "w8a8", "w4a8", "w3a16", "w2a16", "w4a16-rtn"]
-MAX_REL_LOGIT_ERR = {"w8a8": 0.05, "w4a16": 0.35, "w4a8": 0.35, "w4a16-rtn": 0.35, "w3a16": 0.6, "w2a16": 1.0}
+PRESETS = ["w4a16", "w8a8", "w4a8", "w3a16", "w2a16", "w4a16-rtn",
+           "w4a16-nvfp4", "w4a16-mxfp4", "w6a16-fp6", "w8a8-fp8", "w4a8-dgq", "w4a8-fp8"]
+# Bounds by bits: 8-bit grids barely move the logits, 6-bit ones a little, 4-bit ones (INT4 and FP4 alike) as
+# much as the INT4 presets, lower widths more.
+MAX_REL_LOGIT_ERR = {"w8a8": 0.05, "w4a16": 0.35, "w4a8": 0.35, "w4a16-rtn": 0.35, "w3a16": 0.6, "w2a16": 1.0,
+                     "w8a8-fp8": 0.1, "w6a16-fp6": 0.15, "w4a16-nvfp4": 0.35, "w4a16-mxfp4": 0.35,
+                     "w4a8-dgq": 0.35, "w4a8-fp8": 0.35}
 
 
 @pytest.fixture(scope="module")
