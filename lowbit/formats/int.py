@@ -187,8 +187,10 @@ def quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch
     Returns:
         codes: int8 ``[..., K]``; scale: float32 ``[..., 1]``.
     """
-    half_range = ((1 << bits) - 1) / 2
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / half_range).clamp_min(SCALE_EPS)
+    absmax = xf.abs().amax(dim=-1, keepdim=True)
+    # A tensor divisor: torch on CUDA turns division by a Python scalar into a multiplication by its
+    # reciprocal, which rounds differently; an elementwise division is IEEE on every device.
+    scale = (absmax / torch.full_like(absmax, ((1 << bits) - 1) / 2)).clamp_min(SCALE_EPS)
     q = torch.round(xf / scale).clamp(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
     return q.to(torch.int8), scale

@@ -35,7 +35,8 @@ def fake_quantize_activation(x: torch.Tensor, act: ActScheme) -> torch.Tensor:
         q, s = quantize_activation_per_token(x, act.bits)
         return (q.float() * s).to(x.dtype)
     xf = x.float()
-    s = (xf.abs().amax(dim=-1, keepdim=True) / E4M3.max).clamp_min(1e-12)
+    absmax = xf.abs().amax(dim=-1, keepdim=True)
+    s = (absmax / torch.full_like(absmax, E4M3.max)).clamp_min(1e-12)  # elementwise: IEEE on CUDA too
     # torch's cast rounds to nearest even (= formats.fp.round_to_fp, tested) and is 4x faster on the big
     # calibration batches; the clamp keeps it saturating.
     q = (xf / s).clamp(-E4M3.max, E4M3.max).to(torch.float8_e4m3fn)
@@ -118,7 +119,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` in the model dtype -> ``[..., out]``."""
         if resolve_backend(self.backend, x.device.type) is Backend.TRITON:
-            y = self._triton_forward(x.reshape(-1, self.in_features))
+            y = self._triton_forward(x.reshape(-1, self.in_features), insist=self.backend is Backend.TRITON)
             if y is not None:
                 y = y.reshape(*x.shape[:-1], self.out_features)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -126,15 +127,16 @@ class QuantLinear(nn.Module):
             x = fake_quantize_activation(x, self.act)
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
-    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The Triton GEMM for this layer's format on ``x [M, K]``, or None where no kernel covers it."""
+    def _triton_forward(self, x: torch.Tensor, insist: bool) -> torch.Tensor | None:
+        """The Triton GEMM for this layer's format on ``x [M, K]``, or None where no kernel covers it (or,
+        unless ``insist``, where the kernel was measured slower than the fp16 matmul at this M)."""
         from lowbit.kernels import triton_gemms
 
         if not x.is_contiguous():
             x = x.contiguous()
         if self._kernel_args is None:
             self._kernel_args = triton_gemms.prepare(self)
-        if self._kernel_args == ():
+        if self._kernel_args == () or not (insist or triton_gemms.wins(self._kernel_args[0], x.shape[0])):
             return None
         return triton_gemms.run(self, x, self._kernel_args)
 

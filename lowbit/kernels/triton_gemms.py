@@ -19,7 +19,17 @@ if TYPE_CHECKING:
     from lowbit.kernels.quant_linear import QuantLinear
 
 MX_BLOCK, NV_BLOCK = 32, 16
-
+# Where each kernel beat torch's fp16 matmul on the H200, on every Llama-2-7B / Llama-3-8B shape of
+# benchmarks/kernels.py (BENCHMARKS.md): the token counts M of MEASURED_M at which it won. Between two measured
+# points "auto" runs the kernel only if it won at both; elsewhere it takes the dequantized-weight path (the
+# fp16 matmul on a cached decoded weight), so no layer runs slower than fp16. An explicit "triton" backend
+# always runs the kernel. None: not measured, the kernel always runs.
+# Measured 2026-11-28 (BENCHMARKS.md, CUDA-graph timings): no kernel beat fp16 at any M on every shape yet, so
+# "auto" on CUDA takes the cached fp16 weight everywhere (fp16 memory!); backend="triton" keeps the packed weights.
+MEASURED_M = (1, 16, 64, 256, 1024, 4096)
+FASTER_THAN_FP16: dict[str, frozenset[int] | None] = {
+    kind: frozenset() for kind in ("w4a16", "fp4", "fp6", "w8a8_int8", "w8a8_fp8", "a8w4", "int4_fp8")
+}
 
 def _group(layer: "QuantLinear") -> int:
     return layer.scheme.columns_per_scale(layer.in_features) if layer.scheme.strategy == "group" else layer.in_features
@@ -35,15 +45,19 @@ def _zero(layer: "QuantLinear") -> torch.Tensor | None:
 def prepare(layer: "QuantLinear") -> tuple[Any, ...]:
     """The kernel's name and per-layer arguments, or ``()`` when the layer takes the torch path."""
     s, act, fmt = layer.scheme, layer.act, layer.format
-    tensor_scale = s.strategy == "tensor"
-    if tensor_scale:
+    if s.strategy == "tensor":
+        return ()
+    # INT4 kernels read whole int32 words (8 codes) that never straddle a group.
+    words_ok = layer.in_features % 8 == 0 and _group(layer) % 8 == 0
+    if fmt in (PACKED, DUAL, FP8SCALE) and not words_ok:
         return ()
     if fmt == PACKED and s.bits == 4 and act is None:
         return ("w4a16", layer.weight_packed, layer.weight_scale, _zero(layer), _group(layer))
     if fmt in (INT, FLOAT8) and act is not None and s.strategy == "channel" and s.symmetric:
         if (fmt == INT) != (act.format == "int") or (fmt == FLOAT8 and s.fp != "e4m3"):
             return ()
-        return ("scaled_mm", act.format, layer.weight, layer.weight_scale.float().reshape(-1, 1).contiguous())
+        kind = "w8a8_int8" if fmt == INT else "w8a8_fp8"
+        return (kind, layer.weight, layer.weight_scale.float().reshape(-1, 1).contiguous())
     if fmt == MXFP4 and act is None and _group(layer) == MX_BLOCK:
         return ("fp4", layer.weight_packed, layer.weight_scale, None, MX_BLOCK)
     if fmt == NVFP4 and act is None and _group(layer) == NV_BLOCK:
@@ -57,6 +71,17 @@ def prepare(layer: "QuantLinear") -> tuple[Any, ...]:
         g = (1.0 / layer.weight_global_scale.float()).reshape(1).contiguous()
         return ("int4_fp8", layer.weight_packed, layer.weight_scale, g, _group(layer))
     return ()
+
+
+def wins(kind: str, M: int) -> bool:
+    """Whether kernel ``kind`` was measured faster than the fp16 matmul at ``M`` tokens (both measured
+    neighbours of ``M`` won; beyond the largest measured M, the largest)."""
+    won = FASTER_THAN_FP16.get(kind)
+    if won is None:
+        return True
+    below = max((m for m in MEASURED_M if m <= M), default=MEASURED_M[0])
+    above = min((m for m in MEASURED_M if m >= M), default=MEASURED_M[-1])
+    return below in won and above in won
 
 
 def run(layer: "QuantLinear", x: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
@@ -77,9 +102,9 @@ def run(layer: "QuantLinear", x: torch.Tensor, args: tuple[Any, ...]) -> torch.T
         return fp6_triton(x, *rest, out_dtype=out)
     from lowbit.kernels import w8a8
 
-    if kind == "scaled_mm":
-        act_format, w, ws = rest
-        quant = w8a8.quantize_per_token_int8_triton if act_format == "int" else w8a8.quantize_per_token_fp8_triton
+    if kind in ("w8a8_int8", "w8a8_fp8"):
+        w, ws = rest
+        quant = w8a8.quantize_per_token_int8_triton if kind == "w8a8_int8" else w8a8.quantize_per_token_fp8_triton
         xq, xs = quant(x)
         return w8a8.scaled_mm_triton(xq, xs, w, ws, out_dtype=out)
     if kind == "a8w4":

@@ -119,3 +119,65 @@ def test_fp8_activation_rounding() -> None:
     s = x.abs().amax(-1, keepdim=True) / 448
     assert torch.equal(xq, round_to_fp(x / s, E4M3) * s)
     assert 0 < float((xq - x).abs().max()) <= float(x.abs().max()) / 16  # 3 mantissa bits
+
+
+TRITON_LAYERS = {
+    "w4a16": (WeightScheme(bits=4, strategy="group", group_size=32), None),
+    "w4a16-asym": (WeightScheme(bits=4, strategy="group", group_size=64, symmetric=False), None),
+    "w8a8": (WeightScheme(bits=8, strategy="channel", group_size=None), ActScheme()),
+    **FP_LAYERS,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", TRITON_LAYERS)
+def test_triton_path_matches_the_reference(name: str, dtype: torch.dtype, device: str) -> None:
+    """QuantLinear's Triton path (the interpreter on CPU) against its torch path, through the dispatch.
+
+    Tolerance 1e-2 of max|y| for 16-bit outputs (one rounding of the output, different summation order),
+    2e-3 for float32 (FP8 dots accumulate with ~14-bit partial sums on Hopper; exact on the interpreter).
+    """
+    from lowbit.kernels import triton_gemms
+
+    scheme, act = TRITON_LAYERS[name]
+    torch.manual_seed(0)
+    W, b = torch.randn(48, 128) * 0.05, torch.randn(48)
+    layer = QuantLinear.from_quantized(rtn(W, scheme, dtype), act, dtype, b.to(dtype)).to(device)
+    assert triton_gemms.prepare(layer) != (), f"{name} has no Triton kernel"
+    x = torch.randn(2, 3, 128).to(dtype).to(device)
+    layer.backend = Backend.TORCH
+    expected = layer(x)
+    layer.backend = Backend.TRITON
+    got = layer(x)
+    assert got.shape == expected.shape and got.dtype == dtype
+    tol = (2e-3 if dtype == torch.float32 else 1e-2) * float(expected.abs().max())
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=0)
+
+
+def test_layers_without_a_kernel_take_the_reference_path(device: str) -> None:
+    from lowbit.kernels import triton_gemms
+
+    torch.manual_seed(0)
+    scheme = WeightScheme(bits=3, strategy="group", group_size=32)
+    layer = QuantLinear.from_quantized(rtn(torch.randn(16, 64), scheme), None, torch.float32).to(device)
+    assert triton_gemms.prepare(layer) == ()
+    # stories260K's 172-wide MLP input: INT4 words would straddle the row end, no kernel takes it
+    w4 = QuantLinear.from_quantized(rtn(torch.randn(16, 172), WeightScheme(bits=4, strategy="channel", group_size=None)), None, torch.float32)
+    assert triton_gemms.prepare(w4) == ()
+    x = torch.randn(4, 64, device=device)
+    layer.backend = Backend.TORCH
+    expected = layer(x)
+    layer.backend = Backend.TRITON
+    assert torch.equal(layer(x), expected)
+
+
+def test_auto_falls_back_where_the_kernel_was_measured_slower(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowbit.kernels import triton_gemms
+
+    monkeypatch.setitem(triton_gemms.FASTER_THAN_FP16, "w4a16", frozenset({1, 16, 4096}))
+    assert triton_gemms.wins("w4a16", 1) and triton_gemms.wins("w4a16", 8) and triton_gemms.wins("w4a16", 16)
+    assert not triton_gemms.wins("w4a16", 17) and not triton_gemms.wins("w4a16", 1024)
+    assert not triton_gemms.wins("w4a16", 2048)  # 1024 lost, 4096 won: not both neighbours
+    assert triton_gemms.wins("w4a16", 4096) and triton_gemms.wins("w4a16", 10**6)
+    monkeypatch.setitem(triton_gemms.FASTER_THAN_FP16, "w4a16", None)
+    assert triton_gemms.wins("w4a16", 12345)

@@ -1,0 +1,285 @@
+"""Time every Triton GEMM against the fp16 / bf16 matmul of the same shape (GPU only).
+
+    python benchmarks/kernels.py [--out benchmarks/results/kernels.json] [--m 1,16,64,256,1024,4096]
+                                 [--shapes all|0,2] [--kernels all|w4a16,nvfp4] [--reps 30] [--no-graphs]
+
+For each M and each (N, K) of Llama-2-7B and Llama-3-8B linears, each kernel's time per call is the median
+over ``--reps`` CUDA-event timings of 10 back-to-back calls (CUDA graph replays) after ``--warmup`` calls;
+the inputs rotate over enough independent copies (activations and weights) that together they exceed twice
+the L2 cache, so no call finds its operands cached by the previous one. A8 kernels are timed twice: the GEMM alone on
+pre-quantized activations, and the whole layer (the fused per-token quantization kernel + the GEMM).
+Writes JSON (with the GPU, driver, torch and triton versions) and prints a markdown table of times and
+speedups over torch fp16 (``x @ w.T`` with ``w`` fp16 ``[N, K]``).
+
+Inputs are random codes in the stored layouts of docs/KERNELS.md: timing does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# (model, layer, N, K): N = out_features, K = in_features.
+SHAPES = [
+    ("llama-2-7b", "q/k/v/o", 4096, 4096),
+    ("llama-2-7b", "gate/up", 11008, 4096),
+    ("llama-2-7b", "down", 4096, 11008),
+    ("llama-3-8b", "k/v", 1024, 4096),
+    ("llama-3-8b", "gate/up", 14336, 4096),
+    ("llama-3-8b", "down", 4096, 14336),
+]
+M_VALUES = (1, 16, 64, 256, 1024, 4096)
+GROUP = 128
+INNER = 10  # calls between two CUDA events: the GPU queue stays full, so launch gaps do not count
+
+
+def _l2_bytes() -> int:
+    props = torch.cuda.get_device_properties(0)
+    return int(getattr(props, "L2_cache_size", 50 * 2**20))
+
+
+def time_ms(
+    make_args: Callable[[int], tuple], fn: Callable, bytes_per_set: int, warmup: int, reps: int, graphs: bool = True
+) -> float:
+    """Median milliseconds per call of ``fn(*args)``: ``reps`` timings of INNER back-to-back calls each.
+
+    The argument sets rotate (together over twice the L2 cache). With ``graphs`` each call is a CUDA graph
+    replay of one ``fn`` (captured after the warm-up, which compiles the kernels), so the time is the GPU's,
+    not Python's launch overhead: a decoding runtime (vLLM, TensorRT-LLM) replays graphs the same way.
+    """
+    sets = max(1, min(16, math.ceil(2 * _l2_bytes() / max(bytes_per_set, 1))))
+    args = [make_args(i) for i in range(sets)]
+    for i in range(warmup):
+        fn(*args[i % sets])
+    torch.cuda.synchronize()
+    calls: list[Callable[[], object]] = [lambda a=a: fn(*a) for a in args]
+    if graphs:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for a in args:
+                fn(*a)
+        torch.cuda.current_stream().wait_stream(side)
+        replays = []
+        for a in args:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn(*a)
+            replays.append(g)
+        calls = [g.replay for g in replays]
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        for j in range(INNER):
+            calls[(i * INNER + j) % sets]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / INNER
+
+
+def kernels(M: int, N: int, K: int, dev: str) -> dict[str, tuple[Callable[[int], tuple], Callable, int]]:
+    """name -> (make_args(seed), fn, bytes of one argument set)."""
+    from lowbit.kernels import a8w4, fp_weight, int4_fp8, w4a16, w8a8
+
+    G = K // GROUP
+    f16, bf16 = torch.float16, torch.bfloat16
+
+    def x16(i: int, dtype: torch.dtype = f16) -> torch.Tensor:
+        return torch.randn(M, K, device=dev, dtype=dtype)
+
+    def packed4(i: int) -> torch.Tensor:
+        return torch.randint(-(2**31), 2**31 - 1, (N, K // 8), device=dev, dtype=torch.int32)
+
+    def xq8(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(-127, 128, (M, K), device=dev, dtype=torch.int8), torch.rand(M, 1, device=dev) + 0.5
+
+    def xqf8(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn(M, K, device=dev) * 50).to(torch.float8_e4m3fn), torch.rand(M, 1, device=dev) + 0.5
+
+    def fp8_scales(rows: int, cols: int) -> torch.Tensor:
+        return (torch.rand(rows, cols, device=dev) + 0.5).to(torch.float8_e4m3fn)
+
+    def u8(shape: tuple[int, int]) -> torch.Tensor:
+        return torch.randint(0, 256, shape, device=dev, dtype=torch.uint8)
+
+    w16_bytes, x_bytes = N * K * 2, M * K * 2
+    k = {
+        "torch fp16": (lambda i: (x16(i), torch.randn(N, K, device=dev, dtype=f16)), lambda x, w: x @ w.T, w16_bytes + x_bytes),
+        "torch bf16": (lambda i: (x16(i, bf16), torch.randn(N, K, device=dev, dtype=bf16)), lambda x, w: x @ w.T, w16_bytes + x_bytes),
+        "w4a16": (
+            lambda i: (x16(i), packed4(i), torch.rand(N, G, device=dev, dtype=f16), None, GROUP),
+            lambda x, p, s, z, g: w4a16.w4a16_triton(x, p, s, z, g, out_dtype=f16),
+            N * K // 2 + x_bytes,
+        ),
+        "nvfp4": (
+            lambda i: (x16(i), u8((N, K // 2)), fp8_scales(N, K // 16), torch.ones(1, device=dev), 16),
+            lambda x, p, s, g, b: fp_weight.fp4_triton(x, p, s, g, b, out_dtype=f16),
+            N * K // 2 + N * K // 16 + x_bytes,
+        ),
+        "mxfp4": (
+            lambda i: (x16(i), u8((N, K // 2)), torch.randint(120, 130, (N, K // 32), device=dev, dtype=torch.uint8), None, 32),
+            lambda x, p, s, g, b: fp_weight.fp4_triton(x, p, s, g, b, out_dtype=f16),
+            N * K // 2 + N * K // 32 + x_bytes,
+        ),
+        "fp6": (
+            lambda i: (x16(i), u8((N, K // 4)), u8((N, K // 2)), torch.rand(N, 1, device=dev, dtype=f16), "e3m2"),
+            lambda x, h, l, s, f: fp_weight.fp6_triton(x, h, l, s, f, out_dtype=f16),
+            N * K * 3 // 4 + x_bytes,
+        ),
+        "w8a8 int8 gemm": (
+            lambda i: (*xq8(i), torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8), torch.rand(N, 1, device=dev)),
+            lambda xq, xs, w, ws: w8a8.scaled_mm_triton(xq, xs, w, ws, out_dtype=f16),
+            N * K + M * K,
+        ),
+        "w8a8 int8 layer": (
+            lambda i: (x16(i), torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8), torch.rand(N, 1, device=dev)),
+            lambda x, w, ws: w8a8.scaled_mm_triton(*w8a8.quantize_per_token_int8_triton(x), w, ws, out_dtype=f16),
+            N * K + x_bytes,
+        ),
+        "w8a8 fp8 gemm": (
+            lambda i: (*xqf8(i), (torch.randn(N, K, device=dev) * 50).to(torch.float8_e4m3fn), torch.rand(N, 1, device=dev)),
+            lambda xq, xs, w, ws: w8a8.scaled_mm_triton(xq, xs, w, ws, out_dtype=f16),
+            N * K + M * K,
+        ),
+        "w8a8 fp8 layer": (
+            lambda i: (x16(i), (torch.randn(N, K, device=dev) * 50).to(torch.float8_e4m3fn), torch.rand(N, 1, device=dev)),
+            lambda x, w, ws: w8a8.scaled_mm_triton(*w8a8.quantize_per_token_fp8_triton(x), w, ws, out_dtype=f16),
+            N * K + x_bytes,
+        ),
+        "a8w4 gemm": (
+            lambda i: (*xq8(i), packed4(i), torch.randint(1, 16, (N, G), device=dev, dtype=torch.int8), None,
+                       torch.rand(N, 1, device=dev), GROUP),
+            lambda xq, xs, p, m, z, s8, g: a8w4.a8w4_triton(xq, xs, p, m, z, s8, g, out_dtype=f16),
+            N * K // 2 + M * K,
+        ),
+        "a8w4 layer": (
+            lambda i: (x16(i), packed4(i), torch.randint(1, 16, (N, G), device=dev, dtype=torch.int8), None,
+                       torch.rand(N, 1, device=dev), GROUP),
+            lambda x, p, m, z, s8, g: a8w4.a8w4_triton(*w8a8.quantize_per_token_int8_triton(x), p, m, z, s8, g, out_dtype=f16),
+            N * K // 2 + x_bytes,
+        ),
+        "int4xfp8 gemm": (
+            lambda i: (*xqf8(i), packed4(i), fp8_scales(N, G), torch.ones(1, device=dev), GROUP),
+            lambda xq, xs, p, s, g, gs: int4_fp8.int4_fp8_triton(xq, xs, p, s, g, gs, out_dtype=f16),
+            N * K // 2 + M * K,
+        ),
+        "int4xfp8 layer": (
+            lambda i: (x16(i), packed4(i), fp8_scales(N, G), torch.ones(1, device=dev), GROUP),
+            lambda x, p, s, g, gs: int4_fp8.int4_fp8_triton(*w8a8.quantize_per_token_fp8_triton(x), p, s, g, gs, out_dtype=f16),
+            N * K // 2 + x_bytes,
+        ),
+    }
+    return k
+
+
+def environment() -> dict[str, str]:
+    import triton
+
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        driver = "unknown"
+    return {"gpu": torch.cuda.get_device_name(0), "driver": driver, "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": str(torch.version.cuda)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels.json"), help="JSON output file")
+    ap.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma-separated M values")
+    ap.add_argument("--shapes", default="all", help="'all' or comma-separated indices into SHAPES")
+    ap.add_argument("--kernels", default="all", help="'all' or comma-separated kernel names")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed launches before timing")
+    ap.add_argument("--reps", type=int, default=30, help="timed groups of 10 calls (median reported)")
+    ap.add_argument("--no-graphs", action="store_true", help="launch from Python instead of replaying CUDA graphs")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU (the kernels are tested on the CPU under TRITON_INTERPRET=1)")
+    torch.manual_seed(0)
+    ms = [int(m) for m in args.m.split(",")]
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    rows: list[dict] = []
+    result: dict = {"rows": rows}
+    for model, layer, N, K in shapes:
+        for M in ms:
+            ks = kernels(M, N, K, "cuda")
+            names = list(ks) if args.kernels == "all" else ["torch fp16"] + [n for n in args.kernels.split(",") if n in ks]
+            for name in names:
+                make, fn, nbytes = ks[name]
+                try:
+                    t = time_ms(make, fn, nbytes, args.warmup, args.reps, graphs=not args.no_graphs)
+                    err = None
+                except Exception as e:  # a kernel that fails to compile or launch is reported, not fatal
+                    t, err = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                rows.append({"model": model, "layer": layer, "N": N, "K": K, "M": M, "kernel": name, "ms": t, "error": err})
+                print(f"{model} {layer} N={N} K={K} M={M} {name}: {t:.4f} ms" + (f" ({err})" if err else ""), flush=True)
+                torch.cuda.empty_cache()
+        result = save(rows, args)  # after every shape: a run stopped at its time limit keeps what it measured
+    print(table(result))
+    print("\nFASTER_THAN_FP16 (lowbit/kernels/triton_gemms.py):", dispatch_table(result))
+
+
+# benchmark rows -> the dispatch kind of lowbit/kernels/triton_gemms.py (whole layers for the A8 kernels)
+DISPATCH_KIND = {"w4a16": "w4a16", "nvfp4": "fp4", "mxfp4": "fp4", "fp6": "fp6", "w8a8 int8 layer": "w8a8_int8",
+                 "w8a8 fp8 layer": "w8a8_fp8", "a8w4 layer": "a8w4", "int4xfp8 layer": "int4_fp8"}
+
+
+def dispatch_table(result: dict) -> dict[str, list[int]]:
+    """Per dispatch kind, the M values at which every kernel of that kind beat fp16 on every shape."""
+    won: dict[str, set[int]] = {}
+    lost: dict[str, set[int]] = {}
+    for r in result["rows"]:
+        kind = DISPATCH_KIND.get(r["kernel"])
+        if kind is None:
+            continue
+        ok = r["speedup_vs_fp16"] is not None and r["speedup_vs_fp16"] >= 1.0
+        (won if ok else lost).setdefault(kind, set()).add(r["M"])
+    return {k: sorted(won.get(k, set()) - lost.get(k, set())) for k in sorted(set(won) | set(lost))}
+
+
+def save(rows: list[dict], args: argparse.Namespace) -> dict:
+    """Add speedups over torch fp16 and write the JSON file."""
+    base = {(r["N"], r["K"], r["M"]): r["ms"] for r in rows if r["kernel"] == "torch fp16"}
+    for r in rows:
+        b = base.get((r["N"], r["K"], r["M"]))
+        r["speedup_vs_fp16"] = b / r["ms"] if b is not None and r["ms"] == r["ms"] and r["ms"] > 0 else None
+    result = {"environment": environment(), "group_size": GROUP, "warmup": args.warmup, "reps": args.reps,
+              "inner": INNER, "cuda_graphs": not args.no_graphs, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(result: dict) -> str:
+    """Markdown: one row per (shape, M), one column per kernel, 'ms (x speedup)'."""
+    rows = result["rows"]
+    names = list(dict.fromkeys(r["kernel"] for r in rows))
+    lines = ["| model | layer | N x K | M | " + " | ".join(names) + " |", "|" + "---|" * (4 + len(names))]
+    keys = list(dict.fromkeys((r["model"], r["layer"], r["N"], r["K"], r["M"]) for r in rows))
+    for key in keys:
+        cells = []
+        for n in names:
+            r = next((r for r in rows if (r["model"], r["layer"], r["N"], r["K"], r["M"]) == key and r["kernel"] == n), None)
+            if r is None or r["ms"] != r["ms"]:
+                cells.append("fail" if r is not None else "")
+            else:
+                cells.append(f"{r['ms']:.3f} ({r['speedup_vs_fp16']:.2f}x)")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} x {key[3]} | {key[4]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
