@@ -253,6 +253,47 @@ def gemm_config(
     return GemmConfig(block_m, block_n, block_k, split, warps, stages)
 
 
+# GEMV path (no tl.dot): see gemv_config and _w4a16_gemv_kernel. It handles M <= GEMV_KERNEL_MAX_M, but the
+# launcher takes it only for M <= GEMV_MAX_M: on the H200 (BENCHMARKS.md) it matched or beat the tl.dot path
+# at M = 1 on 4 of 6 Llama shapes (e.g. 29.5 vs 30.8 us at 11008 x 4096) and was 2-3x slower at M = 16.
+GEMV_KERNEL_MAX_M = 16
+GEMV_MAX_M = 1
+GEMV_WARPS = 4
+GEMV_WORDS_PER_THREAD = 8  # packed int32 words per thread and K tile: two 16-byte loads
+GEMV_BLOCK_N = 16
+GEMV_PROGRAMS_PER_SM = 8  # target programs per SM (4-warp programs: up to 16 fit at <= 128 registers)
+GEMV_NO_SPLIT_PROGRAMS_PER_SM = 4  # with at least this many N tiles per SM, K is not split
+
+
+def gemv_config(M: int, N: int, K: int, device: torch.device, group_size: int | None = None) -> GemmConfig:
+    """Tiles of the GEMV path (:func:`_w4a16_gemv_kernel`) for ``M <= GEMV_MAX_M``.
+
+    ``block_m`` is M rounded up to a power of two (every program does all rows). On the GPU a program owns
+    ``GEMV_BLOCK_N = 16`` rows of W on 4 warps; BLOCK_K is 512 for ``block_m == 1`` (8 words = two 16-byte loads
+    per thread per K tile), 256 for ``block_m`` 2..4 (one 16-byte load) and 128 for 8..16 (2 words per thread),
+    so the ``[block_m, 16, BLOCK_K/8]`` float32 accumulator costs at most 32 registers per thread. Offline
+    sm_90 compiles (fp16, group 128): 128 registers at M = 1, 138 at M = 4, 77 at M = 8, 126-128 at M = 16,
+    no spills (BLOCK_K 256 at M = 16 spilled). BLOCK_K follows the groups as in
+    :func:`group_block_k` (at least half the preferred width, else per-word scale loads). K is split (float32
+    atomics) so ``N/16 * split`` reaches about :data:`GEMV_PROGRAMS_PER_SM` programs per SM, unless the N tiles
+    alone give :data:`GEMV_NO_SPLIT_PROGRAMS_PER_SM` per SM (then the output is stored directly in its dtype, no
+    zero fill nor cast). E.g. 132 SMs, M = 1: ``11008 x 4096`` runs 688 N tiles of 8 K tiles each, no split;
+    ``4096 x 4096`` 256 N tiles x 4 splits of 2 K tiles. Under the interpreter: 64 x 128 tiles, a pretend 16-program device.
+    """
+    block_m = 1 << max(0, (M - 1).bit_length())
+    if device.type != "cuda":
+        block_n, block_k, programs, no_split = 64, 128, 16, 1 << 30
+    else:
+        sms = _sm_count(device)
+        words = GEMV_WORDS_PER_THREAD // (1 if block_m == 1 else 2 if block_m <= 4 else 4)
+        block_n = GEMV_BLOCK_N
+        block_k = 8 * words * 32 * GEMV_WARPS // block_n
+        programs, no_split = GEMV_PROGRAMS_PER_SM * sms, GEMV_NO_SPLIT_PROGRAMS_PER_SM * sms
+    block_k = group_block_k(group_size, block_k, max(8, block_k // 2))
+    split = 1 if triton.cdiv(N, block_n) >= no_split else _split(N, K, block_n, block_k, programs)
+    return GemmConfig(block_m, block_n, block_k, split, GEMV_WARPS if device.type == "cuda" else 4, 1)
+
+
 def _split(N: int, K: int, block_n: int, block_k: int, programs: int) -> int:
     """K splits so that ``N/block_n * split`` programs reach about ``programs`` (1..16, none empty)."""
     n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
@@ -317,8 +358,19 @@ def w4a16_triton(
     M = x.shape[0]
     if M == 0 or N == 0:
         return torch.zeros(M, N, dtype=out_dtype, device=x.device)
-    cfg = gemm_config(M, N, K, x.device, group_size, x.element_size())
     z = zero if zero is not None else scale  # never read: HAS_ZERO=False compiles the load away
+    if M <= GEMV_MAX_M:
+        cfg = gemv_config(M, N, K, x.device, group_size)
+        # Factoring the group scale out of the sum skips W_hat's rounding to the scale and activation dtypes,
+        # a relative difference up to 2^-9 (bfloat16) per weight: below the float16/bfloat16 output tolerance,
+        # not below float32's, so a float32 output from narrower inputs dequantizes each weight as the reference.
+        round_w = out_dtype == torch.float32 and (x.dtype != torch.float32 or scale.dtype != torch.float32)
+        return launch_gemm(
+            _w4a16_gemv_kernel, x, N, out_dtype, (packed, scale, z, K // group_size, K // 8), cfg=cfg,
+            GROUP_SIZE=group_size, GROUP_MODE=group_mode(group_size, cfg.block_k), HAS_ZERO=zero is not None,
+            EVEN_K=even_k(K, cfg), ROUND_W=round_w,
+        )
+    cfg = gemm_config(M, N, K, x.device, group_size, x.element_size())
     return launch_gemm(
         _w4a16_kernel, x, N, out_dtype, (packed, scale, z, K // group_size, K // 8), cfg=cfg,
         GROUP_SIZE=group_size, GROUP_MODE=group_mode(group_size, cfg.block_k), HAS_ZERO=zero is not None,
@@ -470,3 +522,60 @@ if triton is not None:
             w = tl.reshape(w, (BLOCK_N, BLOCK_K))
             acc = dot_acc(a, tl.trans(w), acc, DOT_IEEE)
         store_tile(acc, y_ptr, offs_m, offs_n, M, N, SPLIT_K)
+
+    @triton.jit
+    def _w4a16_gemv_kernel(
+        x_ptr, y_ptr, M, N, K,
+        w_ptr, s_ptr, z_ptr, n_groups, KW,
+        GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
+        ROUND_W: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        K_ITERS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_IEEE: tl.constexpr,
+    ):
+        """Small-M W4A16 without ``tl.dot``: program ``(0, n, k)`` owns rows ``n`` of W (BLOCK_N) and split ``k``.
+
+        Per K tile it loads the ``[BLOCK_N, BLOCK_K/8]`` packed words (contiguous, 16-byte loads), unpacks them in
+        registers (:func:`int4_nibbles`) to ``q - z`` (exact float32), multiplies by the ``[BLOCK_M, BLOCK_K]``
+        activations broadcast over the rows, sums each word's 8 products in its thread, and scales those
+        per-word sums once by their group's scale: ``acc += s_g * sum_k (q - z) x_k``. The float32 accumulator
+        ``[BLOCK_M, BLOCK_N, BLOCK_K/8]`` is reduced over the words once, after the K loop, then stored or (split
+        K) atomically added. Versus the reference this skips rounding ``W_hat`` to the scale and activation
+        dtypes (relative 2^-11 for float16, 2^-9 for bfloat16 per weight, well inside the 1e-2 * max|y| float16 /
+        bfloat16 tolerance); ``ROUND_W`` (float32 output from narrower inputs, tolerance 1e-4) instead dequantizes
+        and rounds each weight as the reference does, then multiplies. ``DOT_IEEE`` is unused (launch_gemm).
+        """
+        pid_n, pid_k = tl.program_id(1), tl.program_id(2)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_m = (offs_m % M).to(tl.int64)  # padded rows repeat real ones; store_tile drops them
+        rows_n = (offs_n % N).to(tl.int64)
+        x_rows = x_ptr + rows_m[:, None] * K
+        w_rows = w_ptr + rows_n[:, None] * KW
+        s_rows = s_ptr + rows_n[:, None] * n_groups
+        z_rows = z_ptr + rows_n[:, None] * n_groups
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        for i in range(K_ITERS):
+            kt = pid_k * K_ITERS + i
+            nib = int4_nibbles(w_rows, kt, KW, BLOCK_K, EVEN_K)  # [BLOCK_N, BLOCK_K // 8, 2, 2, 2], q + 8
+            s = group_words(s_rows, kt, n_groups, GROUP_SIZE, GROUP_MODE, BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32)
+            # q - z exactly: OR the nibble into the mantissa of 2^23 and subtract 2^23 + 8 + z.
+            v = (nib | 0x4B000000).to(tl.float32, bitcast=True)
+            if HAS_ZERO:
+                z = group_words(z_rows, kt, n_groups, GROUP_SIZE, GROUP_MODE, BLOCK_N, BLOCK_K, EVEN_K)
+                w = v - (z.to(tl.float32) + 8388616.0)
+            else:
+                w = v - 8388616.0
+            if ROUND_W:
+                w = (w * s).to(s_ptr.dtype.element_ty).to(x_ptr.dtype.element_ty).to(tl.float32)
+            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                a = tl.load(x_rows + offs_k[None, :])
+            else:
+                a = tl.load(x_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
+            # Column kt * BLOCK_K + 8 j + 4 a + 2 b + c, the order of int4_nibbles' [j, a, b, c].
+            a = tl.reshape(a.to(tl.float32), (BLOCK_M, 1, BLOCK_K // 8, 2, 2, 2))
+            p = tl.sum(tl.sum(tl.sum(w[None, :, :, :, :, :] * a, axis=5), axis=4), axis=3)  # per word
+            if not ROUND_W:
+                p = p * tl.sum(tl.sum(tl.sum(s, axis=4), axis=3), axis=2)[None, :, :]  # sums of unit axes
+            acc += p
+        store_tile(tl.sum(acc, axis=2), y_ptr, offs_m, offs_n, M, N, SPLIT_K)

@@ -10,7 +10,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.packing import pack_codes
-from lowbit.kernels.w4a16 import w4a16_reference, w4a16_triton
+from lowbit.kernels import w4a16
+from lowbit.kernels.w4a16 import GEMV_KERNEL_MAX_M as GEMV_MAX_M, w4a16_reference, w4a16_triton
 
 # Tolerance (docs/KERNELS.md "Tolerances"): max|y_triton - y_ref| <= TOL * max|y_ref|, TOL = 1e-2 for
 # float16/bfloat16 outputs and 1e-4 for float32. Both sides decode bit-identical weights; they differ only
@@ -18,6 +19,12 @@ from lowbit.kernels.w4a16 import w4a16_reference, w4a16_triton
 # errors of order sqrt(K) * eps * max|y|, while a wrong nibble, group or scale index is off by ~max|y|.
 TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+@pytest.fixture(autouse=True)
+def _gemv_for_every_small_m(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exercise the GEMV kernel over its whole range (M <= 16): the launcher's production threshold is lower."""
+    monkeypatch.setattr(w4a16, "GEMV_MAX_M", w4a16.GEMV_KERNEL_MAX_M)
 
 
 def make_weight(
@@ -52,7 +59,7 @@ def run_parity(M: int, N: int, K: int, group: int, x_dtype: torch.dtype, scale_d
     assert_close(y.cpu(), ref.cpu(), out_dtype)
 
 
-# (M, N, K, group): M <= 16 takes the split-K path, larger M the tiled GEMM. Interpreted, BLOCK_K is 128 for
+# (M, N, K, group): M <= GEMV_MAX_M takes the GEMV path, larger M the tiled GEMM. Interpreted, BLOCK_K is 128 for
 # power-of-two groups up to 128 (several groups per K tile), the largest power of two dividing the group for
 # larger groups (group 192 or 576: 64, group 96: 32; K tiles inside one group), and 128 with per-word scale loads
 # for group 40 (w4a16.group_block_k). Most K leave a partial last K tile; interpreted, (5, 64, 576) runs 3 splits
@@ -94,6 +101,76 @@ def test_parity_mixed_dtypes(x_dtype: torch.dtype, scale_dtype: torch.dtype, out
 ], ids=["down", "up", "k-channel", "q-m5", "k-m33"])
 def test_parity_smollm2_shapes(M: int, N: int, K: int, group: int, dtype: torch.dtype, device: str) -> None:
     run_parity(M, N, K, group, dtype, dtype, dtype, asym=True, device=device, seed=N + K)
+
+
+# The GEMV path (M <= GEMV_MAX_M, no tl.dot): interpreted it runs 64 x 128 tiles on a pretend 16-program device
+# (w4a16.gemv_config), so these N split K. (N, K, group): several groups per K tile, channel-wise (3 K tiles per
+# group), per-word scale loads (group 40; channel-wise K = 576, whose power-of-two factor 64 < 128 / 2), one
+# scale per word (group 8), partial last K tiles (K = 320, 200, 328), N not a multiple of the tile.
+GEMV_SHAPES = [
+    (96, 256, 32),
+    (40, 320, 64),  # K = 2.5 tiles
+    (64, 512, 128),  # no K masks (EVEN_K)
+    (48, 384, 384),  # channel-wise
+    (32, 200, 40),  # per-word scale loads, partial tile
+    (24, 328, 8),  # group 8: one scale per word, partial tile
+]
+
+
+@pytest.mark.parametrize("M", sorted({1, 2, 3, 4, GEMV_MAX_M}))
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=str)
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_gemv_parity(M: int, dtype: torch.dtype, asym: bool, device: str) -> None:
+    assert M <= GEMV_MAX_M
+    for i, (N, K, group) in enumerate(GEMV_SHAPES):
+        run_parity(M, N, K, group, dtype, dtype, dtype, asym, device, seed=M + 10 * i)
+
+
+@pytest.mark.parametrize("M", [1, 4, GEMV_MAX_M])
+@pytest.mark.parametrize("x_dtype,scale_dtype,out_dtype", [
+    (BF16, F16, F32), (F16, F16, F32), (F32, F16, F32), (F16, F32, BF16), (BF16, BF16, F16),
+])
+def test_gemv_parity_mixed_dtypes(M: int, x_dtype: torch.dtype, scale_dtype: torch.dtype, out_dtype: torch.dtype,
+                                  device: str) -> None:
+    # float32 outputs from narrower inputs take ROUND_W (weights rounded as the reference rounds them)
+    run_parity(M, 64, 576, 64, x_dtype, scale_dtype, out_dtype, asym=True, device=device)
+    run_parity(M, 40, 200, 200, x_dtype, scale_dtype, out_dtype, asym=False, device=device)
+
+
+# M = 1 of down and up: test_parity_smollm2_shapes.
+@pytest.mark.parametrize("M,N,K,group,dtype", [
+    (GEMV_MAX_M, 576, 1536, 128, F16),
+    (4, 1536, 576, 64, BF16),
+    (1, 192, 576, 576, F16),  # channel-wise, per-word scale loads on a 2-tile K with a partial tile, split
+    (2, 192, 576, 576, BF16),
+    (GEMV_MAX_M, 192, 576, 576, F16),
+    (1, 192, 576, 32, F32),
+    (4, 192, 576, 64, F32),
+], ids=["down-mmax", "up-m4", "k-channel-m1", "k-channel-m2", "k-channel-mmax", "k-g32-f32-m1", "k-g64-f32-m4"])
+def test_gemv_smollm2_shapes(M: int, N: int, K: int, group: int, dtype: torch.dtype, device: str) -> None:
+    run_parity(M, N, K, group, dtype, dtype, dtype, asym=M % 2 == 0, device=device, seed=N + K + M)
+
+
+@pytest.mark.parametrize("M,N,K,group", [(1, 96, 192, 64), (5, 64, 576, 64), (3, 40, 320, 320)])
+def test_split_k_dot_path(M: int, N: int, K: int, group: int, device: str, monkeypatch) -> None:
+    # GEMV_MAX_M = 0 sends small M to the split-K tl.dot path (gemm_config), otherwise unused by w4a16.
+    monkeypatch.setattr(w4a16, "GEMV_MAX_M", 0)
+    for dtype in (F16, F32):
+        run_parity(M, N, K, group, dtype, dtype, dtype, asym=True, device=device, seed=M)
+
+
+def test_gemv_config_gpu_shapes(monkeypatch) -> None:
+    # The GPU configs (132 SMs), computed without a GPU.
+    monkeypatch.setattr(w4a16, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    cfg = w4a16.gemv_config(1, 11008, 4096, cuda, 128)
+    assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k) == (1, 16, 512, 1)  # 688 N tiles: no split
+    cfg = w4a16.gemv_config(1, 4096, 4096, cuda, 128)
+    assert (cfg.block_n, cfg.block_k, cfg.split_k) == (16, 512, 4)
+    cfg = w4a16.gemv_config(16, 4096, 14336, cuda, 128)
+    assert (cfg.block_m, cfg.block_k) == (16, 128)
+    cfg = w4a16.gemv_config(3, 4096, 11008, cuda, 11008)  # channel-wise, 11008 = 256 * 43
+    assert (cfg.block_m, cfg.block_k) == (4, 256) and w4a16.group_mode(11008, cfg.block_k) == w4a16.TILE_IN_GROUP
 
 
 def independent_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
