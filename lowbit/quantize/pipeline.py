@@ -54,6 +54,7 @@ class LayerResult:
     loss: float | None = None
     note: str | None = None
     symmetric: bool = True
+    scheme: str = ""  # WeightScheme.name, e.g. "int4 g64 sym", "fp4-e2m1 g16 e4m3-scales"
 
     @property
     def params(self) -> int:
@@ -198,6 +199,7 @@ def quantize_block(
                     loss=res.loss,
                     note=res.note,
                     symmetric=scheme.symmetric,
+                    scheme=scheme.name,
                 )
             )
             set_module(block, n, ql)

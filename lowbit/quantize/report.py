@@ -29,7 +29,8 @@ def _worst(layers: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
 
 def _layer_line(l: dict[str, Any]) -> str:
     g = f"g{l['group_size']}" if l["strategy"] == "group" else l["strategy"]
-    return f"  {l['name']:<40} int{l['bits']} {g:<8} out-err {l['output_rel_err']:.4f}  w-err {l['weight_rel_err']:.4f}"
+    scheme = l.get("scheme") or f"int{l['bits']} {g}"  # reports before the scheme name was recorded
+    return f"  {l['name']:<40} {scheme:<28} out-err {l['output_rel_err']:.4f}  w-err {l['weight_rel_err']:.4f}"
 
 
 def print_summary(result: "QuantizeResult", top: int = 5) -> None:
@@ -94,9 +95,11 @@ def print_inspect(info: dict[str, Any], top: int) -> None:
         print(f"  recipe            {info['recipe']['name']} ({info['recipe']['method']})")
     for s in info["schemes"]:
         w, a = s["weights"], s["input_activations"]
-        g = f"group {w['group_size']}" if w["strategy"] == "group" else w["strategy"]
-        act = "float" if a is None else f"int{a['num_bits']} dynamic per-{a['strategy']}"
-        print(f"  {s['layers']:>4} layers      int{w['num_bits']} {g} {'sym' if w['symmetric'] else 'asym'}, activations {act} [{s['format']}]")
+        g = f"group {w['group_size']}" if w["strategy"] in ("group", "tensor_group") else w["strategy"]
+        kind = w.get("type", "int")
+        sym = "" if kind == "float" else (" sym" if w["symmetric"] else " asym")
+        act = "not quantized" if a is None else f"{a.get('type', 'int')}{a['num_bits']} dynamic per-{a['strategy']}"
+        print(f"  {s['layers']:>4} layers      {kind}{w['num_bits']} {g}{sym}, activations {act} [{s['format']}]")
     print(f"  kept in float     {', '.join(info['ignore']) or '-'}")
     if info["size_before"]:
         print(f"  size before       {human_bytes(info['size_before'])}")

@@ -109,3 +109,15 @@ def test_overwrite_replaces_atomically(tmp_path: Path, stories_dir: Path) -> Non
     quantize_model(stories_dir, "w4a16", out, samples=2, calib_seqlen=32, overwrite=True, progress=False)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_inspect_names_float_grids(quantized_stories, capsys: pytest.CaptureFixture[str]) -> None:
+    from lowbit.quantize.report import print_inspect
+
+    out, _ = quantized_stories("w4a16-nvfp4")
+    print_inspect(inspect_dir(out), top=3)
+    text = capsys.readouterr().out
+    assert "float4 group 16, activations not quantized [nvfp4-pack-quantized]" in text
+    assert "fp4-e2m1 channel e4m3-scales" in text  # the 172-wide down_proj fell back to one block per row
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert {l["scheme"] for l in report["layers"]} == {"fp4-e2m1 g16 e4m3-scales", "fp4-e2m1 channel e4m3-scales"}
