@@ -51,7 +51,7 @@ def _weight_args(s: WeightScheme, fmt: str) -> dict[str, Any]:
 
 # Element formats compressed-tensors' args cannot name (its "float" type is E4M3 at 8 bits, E2M1 at 4):
 # stored in the lowbit section, per config group, and these defaults apply when it is absent.
-DEFAULT_FP = {8: "e4m3", 6: "e3m2", 4: "e2m1"}
+DEFAULT_FP = {8: "e4m3", 6: "e2m3", 4: "e2m1"}  # what compressed-tensors reads for each width
 SCALE_FORMAT_OF = {NVFP4: "e4m3", MXFP4: "e8m0", DUAL: "dual", FP8SCALE: "e4m3"}
 
 

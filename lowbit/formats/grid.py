@@ -118,7 +118,7 @@ def _fireq_params(w: torch.Tensor, scheme: WeightScheme, amax: torch.Tensor) -> 
             best_i, best_lower = i, lower
     p = 2.0**best_i
     s_g = round_to_fp(amax * p / scheme.qmax, E4M3).clamp(E4M3_TINY, E4M3.max)
-    return GridParams(s_g, global_scale=torch.tensor([p]))
+    return GridParams(s_g, global_scale=amax.new_tensor([p]))
 
 
 def _dgq_params(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, clip: torch.Tensor | float) -> GridParams:

@@ -65,8 +65,10 @@ class WeightScheme:
                 raise LowbitError("E8M0 scales are for FP4 (MXFP4) weights")
             if self.scale_format == "e4m3" and not self.symmetric:
                 raise LowbitError("E4M3 group scales (FireQ) need a symmetric int grid")
-            if self.scale_format == "dual" and self.bits != 4:
-                raise LowbitError("dual-grained scales (DGQ) are for 4-bit weights")
+            if self.scale_format == "e4m3" and self.bits != 4:
+                raise LowbitError("E4M3 group scales on int weights (FireQ) are for 4-bit weights")
+            if self.scale_format == "dual" and (self.bits != 4 or self.symmetric):
+                raise LowbitError("dual-grained scales (DGQ) are for asymmetric 4-bit weights")
         else:
             if self.fp not in FP_ELEMENTS:
                 raise LowbitError(f"a float scheme needs fp in {', '.join(FP_ELEMENTS)}, got {self.fp!r}")
@@ -76,8 +78,14 @@ class WeightScheme:
                 raise LowbitError("float grids are symmetric (no zero point)")
             if self.scale_format == "dual":
                 raise LowbitError("dual-grained scales are for int4 weights")
-            if self.scale_format == "e8m0" and self.fp != "e2m1":
-                raise LowbitError("E8M0 scales (MX) are supported for FP4 E2M1 elements")
+            # The grids a storage format exists for (formats/storage.py, docs/FORMAT.md).
+            if self.bits in (6, 8) and self.scale_format != "float":
+                raise LowbitError(f"FP{self.bits} weights take float scales, not {self.scale_format}")
+            if self.bits == 4 and self.scale_format == "float":
+                raise LowbitError("FP4 weights take block scales: e4m3 (NVFP4, group 16) or e8m0 (MXFP4, group 32)")
+            block = {"e4m3": 16, "e8m0": 32}.get(self.scale_format)
+            if block is not None and self.strategy == "group" and self.group_size != block:
+                raise LowbitError(f"{self.scale_format} block scales use groups of {block}, got {self.group_size}")
         if self.strategy not in STRATEGIES:
             raise LowbitError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if self.strategy == "group":

@@ -113,8 +113,23 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self._w_hat = self._kernel_args = None  # .to(device) moves the buffers: rebuild the caches there
-        return super()._apply(fn, *args, **kwargs)
+        """``.to()``, ``.cuda()``, ``.half()``...: float-scale buffers and the bias follow a dtype change; codes,
+        FP8/E8M0/INT8 scales and float32 global/channel scales only change device (casting them would corrupt
+        the stored weight)."""
+        self._w_hat = self._kernel_args = None  # rebuilt on the new device / dtype
+        order = list(self._buffers)
+        kept = {n: b for n, b in self._buffers.items() if b is not None and not (n == "weight_scale" and b.dtype == self.dtype)}
+        for n in kept:
+            del self._buffers[n]
+        try:
+            module = super()._apply(fn, *args, **kwargs)
+        finally:
+            probe = fn(torch.empty(0, dtype=self.dtype, device=next(iter(kept.values())).device))
+            for n, b in kept.items():
+                self._buffers[n] = b.to(probe.device)
+            self._buffers = {n: self._buffers[n] for n in order}  # state_dict order unchanged
+        self.dtype = probe.dtype
+        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` in the model dtype -> ``[..., out]``."""

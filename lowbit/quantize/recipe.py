@@ -138,6 +138,8 @@ class Recipe:
             raise LowbitError(f"unknown rounding method {self.method!r}; valid: {', '.join(sorted(ROUNDERS))}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise LowbitError(f"unknown scale_dtype {self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
+        if self.baq is not None and not self.weights.is_plain_int:
+            raise LowbitError(f"BAQ allocates integer widths: its base weights must be an int grid with float scales, not {self.weights.name}")
 
     def resolved_scale_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype scales are stored in for a model of ``model_dtype``."""

@@ -81,10 +81,11 @@ def round_together(
     With one scale per row or per group of a row, RTN and GPTQ treat rows independently: GPTQ's order,
     damping and inverse-Hessian factor depend on H alone, and each row's updates on that row alone. So
     ``W = cat(Ws)`` (q/k/v, gate/up) is rounded once, sharing the factorisation and the column loop, and
-    the result is split back by rows; a tensor-wide scale would couple the rows, so those are rounded
-    one by one.
+    the result is split back by rows; a tensor-wide scale (also NVFP4's global scale and FireQ's
+    power-of-two pre-scale, scale format "e4m3") would couple the rows, so those are rounded one by one:
+    each layer keeps its own tensor-wide scale, as compressed-tensors writes them.
     """
-    if len(Ws) == 1 or scheme.strategy == "tensor":
+    if len(Ws) == 1 or scheme.strategy == "tensor" or scheme.scale_format == "e4m3":
         return [method.fn(W, H, scheme, scale_dtype, options) for W in Ws]
     res = method.fn(torch.cat([W.float() for W in Ws]), H, scheme, scale_dtype, options)
     out, start = [], 0

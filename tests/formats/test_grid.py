@@ -140,8 +140,8 @@ def test_storage_formats() -> None:
         "float-quantized", "lowbit-fp6-pack-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized",
         "lowbit-fp8scale-pack-quantized", "lowbit-dual-pack-quantized",
     ]
-    with pytest.raises(LowbitError, match="no storage format"):
-        storage_format(WeightScheme("float", 4, "channel", None, fp="e2m1"))
+    with pytest.raises(LowbitError, match="block scales"):  # no storage format exists: refused up front
+        WeightScheme("float", 4, "channel", None, fp="e2m1")
 
 
 @pytest.mark.parametrize(
@@ -155,6 +155,11 @@ def test_storage_formats() -> None:
         {"format": "int", "bits": 4, "scale_format": "e4m3", "symmetric": False},
         {"format": "float", "bits": 6, "fp": "e3m2", "scale_format": "e8m0"},
         {"format": "int", "bits": 4, "scale_format": "fp16"},
+        {"format": "int", "bits": 4, "scale_format": "dual", "symmetric": True},  # DGQ groups are asymmetric
+        {"format": "int", "bits": 8, "scale_format": "e4m3"},
+        {"format": "float", "bits": 8, "fp": "e4m3", "scale_format": "e4m3"},
+        {"format": "float", "bits": 4, "fp": "e2m1", "scale_format": "e8m0", "group_size": 64},  # MX blocks are 32
+        {"format": "float", "bits": 4, "fp": "e2m1", "scale_format": "e4m3", "group_size": 128},  # NV blocks are 16
     ],
 )
 def test_bad_schemes_are_clear_errors(kwargs: dict) -> None:
@@ -166,3 +171,39 @@ def test_group_fallback_keeps_the_grid() -> None:
     s = NVFP4.for_layer(172)  # 16 does not divide 172: one scale per row, same element and scale format
     assert (s.strategy, s.fp, s.scale_format) == ("channel", "e2m1", "e4m3")
     assert fp_format(s.fp or "").max == 6
+
+
+def test_tensor_wide_scales_are_float32_on_the_weight_device() -> None:
+    for scheme in (FIREQ, NVFP4):
+        p = compute_params(_w(), scheme)
+        assert p.global_scale.device == p.scale.device and p.global_scale.dtype == torch.float32
+
+
+def test_round_together_keeps_one_global_scale_per_layer() -> None:
+    from lowbit.quantize.recipe import RoundingOptions
+    from lowbit.quantize.rounding import ROUNDERS, round_together
+
+    small, big = _w(seed=1) * 1e-3, _w(seed=2)  # FireQ pre-scales the small one by a power of two, not the big
+    for scheme in (NVFP4, FIREQ):
+        res = round_together(ROUNDERS["rtn"], [small, big], None, scheme, torch.float32, RoundingOptions())
+        alone = [rtn_weight(W, scheme) for W in (small, big)]
+        for r, a in zip(res, alone):
+            assert torch.equal(r.qweight.global_scale, a.global_scale)
+            assert torch.equal(r.qweight.dequantize(), a.dequantize())
+        assert not torch.equal(res[0].qweight.global_scale, res[1].qweight.global_scale)
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_config_round_trip(name: str) -> None:
+    """Every grid's config group reads back as the same scheme (elements compressed-tensors cannot name are in
+    the lowbit section: the FP6 preset's E3M2, since compressed-tensors reads FP6 as E2M3)."""
+    import json
+
+    from lowbit.formats.checkpoint import LayerScheme, build_quantization_config, parse_quantization_config
+
+    scheme = GRIDS[name]
+    ls = LayerScheme(scheme, None, storage_format(scheme))
+    qc = json.loads(json.dumps(build_quantization_config({"layer": ls}, [], {})))
+    groups, _ = parse_quantization_config(qc)
+    assert groups == [(["layer"], ls)]
+    assert ("fp_elements" in qc["lowbit"]) == (name == "fp6")

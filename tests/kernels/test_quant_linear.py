@@ -181,3 +181,25 @@ def test_auto_falls_back_where_the_kernel_was_measured_slower(monkeypatch: pytes
     assert triton_gemms.wins("w4a16", 4096) and triton_gemms.wins("w4a16", 10**6)
     monkeypatch.setitem(triton_gemms.FASTER_THAN_FP16, "w4a16", None)
     assert triton_gemms.wins("w4a16", 12345)
+
+
+@pytest.mark.parametrize("name", FP_LAYERS)
+def test_dtype_casts_keep_the_stored_weight(name: str) -> None:
+    """``.to(bfloat16)`` casts float scales and the bias like a float layer, never codes or FP8/float32 scales."""
+    scheme, act = FP_LAYERS[name]
+    torch.manual_seed(0)
+    W = torch.randn(48, 128) * 0.05
+    layer = QuantLinear.from_quantized(rtn(W, scheme, torch.bfloat16), act, torch.float32, torch.randn(48))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer = layer.to(torch.bfloat16)
+    assert layer.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    after = layer.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        if k == "bias" or (k == "weight_scale" and v.dtype == torch.float32):
+            assert after[k].dtype == torch.bfloat16
+            assert torch.equal(after[k].float(), v.bfloat16().float())
+        else:
+            assert after[k].dtype == v.dtype and torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)), k
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16

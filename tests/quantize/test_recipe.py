@@ -70,3 +70,10 @@ def test_baq_sensitivity_round_trips_and_is_checked(tmp_path: Path) -> None:
     assert load_recipe(str(path)) == hessian
     with pytest.raises(LowbitError, match="fisher"):
         BAQOptions(sensitivity="gradient")
+
+
+def test_baq_needs_an_int_grid() -> None:
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match="BAQ allocates integer widths"):
+        dataclasses.replace(PRESETS["baq-3.5"], weights=PRESETS["w4a16-nvfp4"].weights)
