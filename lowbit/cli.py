@@ -113,14 +113,18 @@ def inspect_cmd(
     guarded(go)(debug=debug)
 
 
-def _load_for_eval(model: Optional[str]) -> tuple[Any, Any]:
+EvalDevice = Annotated[str, typer.Option("--device", help="Where the model runs: cpu or cuda.")]
+EvalBackend = Annotated[str, typer.Option("--backend", help="Quantized GEMMs: auto (Triton kernels where measured faster than fp16, else the fp16 path), triton (always the kernels; CUDA), torch (the reference).")]
+
+
+def _load_for_eval(model: Optional[str], device: str = "cpu", backend: str = "auto") -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     from lowbit.models.loading import resolve_model_dir
     from lowbit.models.quantized import load
 
     path = resolve_model_dir(model)
-    return load(path), AutoTokenizer.from_pretrained(path)
+    return load(path, device=device, backend=backend), AutoTokenizer.from_pretrained(path)
 
 
 @eval_app.command("ppl")
@@ -129,6 +133,8 @@ def ppl_cmd(
     seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per non-overlapping window.")] = 2048,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N windows.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="WikiText-2 test rows (.json list) or raw text (.txt). Default: $LOWBIT_DATA_DIR/wikitext-2/test_rows.json, else the datasets hub.")] = None,
+    device: EvalDevice = "cpu",
+    backend: EvalBackend = "auto",
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
@@ -139,7 +145,7 @@ def ppl_cmd(
         from lowbit.quantize.evaluate import perplexity
 
         text = wikitext2_test_text(data)
-        m, tok = _load_for_eval(model)
+        m, tok = _load_for_eval(model, device, backend)
         res = perplexity(m, tok, text, seqlen=seqlen, limit=limit, progress=True)
         if as_json:
             typer.echo(json.dumps(res))
@@ -154,6 +160,8 @@ def acc_cmd(
     model: ModelArg = None,
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: lambada_openai, piqa, winogrande, arc_easy, arc_challenge.")] = "lambada_openai,piqa,winogrande,arc_easy,arc_challenge",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N rows of each task.")] = None,
+    device: EvalDevice = "cpu",
+    backend: EvalBackend = "auto",
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
@@ -163,7 +171,7 @@ def acc_cmd(
         from lowbit.quantize.evaluate import accuracy
 
         task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-        m, tok = _load_for_eval(model)
+        m, tok = _load_for_eval(model, device, backend)
         res = accuracy(m, tok, task_list, limit=limit, progress=True)
         if as_json:
             typer.echo(json.dumps(res))

@@ -124,3 +124,11 @@ def test_help_explains_every_option() -> None:
     result = runner.invoke(app, ["model", "--help"])
     for opt in ["--recipe", "--out", "--calib", "--samples", "--calib-seqlen", "--seed", "--device", "--overwrite"]:
         assert opt in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--backend", "cutlass"], "unknown kernel backend"), (["--device", "tpu9"], "unknown device")],
+)
+def test_eval_device_and_backend_errors(stories_dir: Path, args: list[str], message: str) -> None:
+    _fails_with_one_line(["eval", "ppl", str(stories_dir), "--limit", "1", *args], message)

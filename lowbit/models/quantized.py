@@ -36,12 +36,18 @@ def load(
     everything else is the ordinary transformers module with its float weights. Weights are read from
     safetensors only and no remote code is trusted. Returns the model in eval mode on ``device``.
     """
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise LowbitError(f"unknown device {device!r}; use cpu or cuda") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError("device 'cuda' was asked for, but torch sees no CUDA GPU here")
+    resolve_backend(backend, device_type)  # an unknown backend, or triton where it cannot run, fails here
     model_dir = resolve_model_dir(path)
     config_dict = check_model_dir(model_dir)
     qc = config_dict.get("quantization_config")
     if qc is None:
         return load_float_model(model_dir, device=device)[0]
-    resolve_backend(backend, device)
     groups, ignore = parse_quantization_config(qc)
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
