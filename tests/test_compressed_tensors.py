@@ -46,9 +46,9 @@ def test_fp4_tensors_decompress_in_compressed_tensors(fmt: str) -> None:
     qw = rtn_weight(W, scheme)
     qc = build_quantization_config({"layer": LayerScheme(scheme, None, fmt)}, [], {})
     assert qc["format"] == fmt
-    args = dict(qc["config_groups"]["group_0"]["weights"])
-    args["scale_dtype"] = torch.float8_e4m3fn if fmt.startswith("nv") else torch.uint8
-    ct_scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args))
+    ct_args = QuantizationArgs(**qc["config_groups"]["group_0"]["weights"])  # exactly the args lowbit writes
+    assert ct_args.scale_dtype == (torch.float8_e4m3fn if fmt.startswith("nv") else torch.uint8)
+    ct_scheme = QuantizationScheme(targets=["Linear"], weights=ct_args)
     theirs = BaseCompressor.load_from_registry(fmt).decompress(dict(to_buffers(qw, torch.float32)), ct_scheme)["weight"]
     ours = qw.dequantize()
     if fmt.startswith("mx"):

@@ -39,7 +39,7 @@ class LayerScheme:
 def _weight_args(s: WeightScheme, fmt: str) -> dict[str, Any]:
     # compressed-tensors calls NVFP4's group scales under a tensor-wide global scale "tensor_group".
     strategy = "tensor_group" if fmt == NVFP4 and s.strategy == "group" else s.strategy
-    return {
+    args = {
         "num_bits": s.bits,
         "type": s.format,
         "symmetric": s.symmetric,
@@ -47,12 +47,16 @@ def _weight_args(s: WeightScheme, fmt: str) -> dict[str, Any]:
         "group_size": s.group_size,
         "dynamic": False,
     }
+    if fmt in SCALE_DTYPE_OF:  # as compressed-tensors' NVFP4/MXFP4 presets write it
+        args["scale_dtype"] = SCALE_DTYPE_OF[fmt]
+    return args
 
 
 # Element formats compressed-tensors' args cannot name (its "float" type is E4M3 at 8 bits, E2M1 at 4):
 # stored in the lowbit section, per config group, and these defaults apply when it is absent.
 DEFAULT_FP = {8: "e4m3", 6: "e2m3", 4: "e2m1"}  # what compressed-tensors reads for each width
 SCALE_FORMAT_OF = {NVFP4: "e4m3", MXFP4: "e8m0", DUAL: "dual", FP8SCALE: "e4m3"}
+SCALE_DTYPE_OF = {NVFP4: "torch.float8_e4m3fn", MXFP4: "torch.uint8"}
 
 
 def _act_args(a: ActScheme | None) -> dict[str, Any] | None:
