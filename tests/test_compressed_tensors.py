@@ -56,3 +56,37 @@ def test_fp4_tensors_decompress_in_compressed_tensors(fmt: str) -> None:
     else:
         torch.testing.assert_close(theirs.float(), ours, rtol=2.0**-8, atol=0.0)
         assert not torch.equal(theirs.float(), torch.zeros_like(ours))
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16_llama(tmp_path_factory: pytest.TempPathFactory, stories_dir):
+    """A random bfloat16 Llama whose every linear has 16- and 32-column blocks (stories260K's MLP has 172 inputs)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = tmp_path_factory.mktemp("tiny") / "llama"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(src, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(stories_dir / f, src / f)
+    return src
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-nvfp4", "w4a16-mxfp4"])
+def test_fp4_checkpoints_load_in_transformers(recipe: str, tiny_bf16_llama, tmp_path) -> None:
+    """A whole NVFP4 / MXFP4 checkpoint, as lowbit writes it, runs in transformers + compressed-tensors with our
+    logits (bfloat16: compressed-tensors decompresses FP4 to bfloat16, which is also our model dtype)."""
+    from lowbit.quantize.pipeline import quantize_model
+
+    out = tmp_path / recipe
+    quantize_model(tiny_bf16_llama, recipe, out, samples=8, calib_seqlen=64, seed=0, progress=False)
+    ours = lowbit.load(out)
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ours(ids).logits.float(), theirs(ids).logits.float()
+    # the same bfloat16 weights through the same modules: identical, as for the INT checkpoints above
+    assert torch.equal(a, b)
