@@ -160,15 +160,15 @@ def mse_clip(
     w = w.float()
     out_f, in_f = w.shape
     wg = w.reshape(1, 1, -1) if scheme.strategy == "tensor" else group_view(w, scheme.columns_per_scale(in_f))  # [o, G, g]
-    candidates = torch.tensor([1.0 - i / grid for i in range(int(max_shrink * grid))], dtype=torch.float32)
+    candidates = torch.tensor([1.0 - i / grid for i in range(int(max_shrink * grid))], dtype=torch.float32, device=w.device)
     chunk = max(1, (1 << 16) // max(wg.numel(), 1))
     parts = list(candidates.split(chunk))
     if len(parts) > 1 and WORKERS > 1:
         errs = list(worker_pool("mse").map(lambda P: _clip_errors(wg, P, scheme, scale_dtype, norm), parts))
     else:
         errs = [_clip_errors(wg, P, scheme, scale_dtype, norm) for P in parts]
-    best_err = torch.full(wg.shape[:2], float("inf"))
-    best_p = torch.ones(wg.shape[:2])
+    best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)
+    best_p = torch.ones(wg.shape[:2], device=w.device)
     for P, err in zip(parts, errs):
         for k in range(err.shape[0]):
             better = err[k] < best_err

@@ -194,16 +194,16 @@ def _column_loop(
     if params is not None:
         scale, zero = params.scale, params.zero  # [out|1, G]
     else:
-        scale = torch.empty(out_f, in_f // gs)
-        zero = None if scheme.symmetric else torch.empty(out_f, in_f // gs, dtype=torch.int8)
+        scale = torch.empty(out_f, in_f // gs, device=W.device)
+        zero = None if scheme.symmetric else torch.empty(out_f, in_f // gs, dtype=torch.int8, device=W.device)
     # Blocks hold whole groups when group scales are computed on the fly, so a group's up-to-date
     # weights are all inside the current block copy W1 (ALGORITHMS.md §1.6, the intra-block pitfall).
     B = options.block_size if static else max(gs, options.block_size // gs * gs)
 
     order = perm.tolist()
     Wp = W[:, perm]  # [rows, in] in processing order
-    codes = torch.empty(out_f, in_f)  # grid values (formats/grid.py), at natural column indices
-    loss = torch.zeros(out_f)
+    codes = torch.empty(out_f, in_f, device=W.device)  # grid values (formats/grid.py), at natural column indices
+    loss = torch.zeros(out_f, device=W.device)
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
         W1, U1 = Wp[:, i1:i2].clone(), U[i1:i2, i1:i2]
