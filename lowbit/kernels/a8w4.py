@@ -13,8 +13,8 @@ INT8 x INT8 -> INT32 product with a float epilogue: ``y = (xq @ w8^T) * xs * s8^
 Unlike DGQ's released kernel, which first writes the whole INT8 weight to a global-memory buffer and then runs a
 CUTLASS INT8 GEMM (ALGORITHMS.md 7.5), the Triton kernel expands each INT4 tile to INT8 in registers inside the
 main loop and feeds it straight to the INT8 tensor-core dot: the weight crosses memory once, at 4 bits. The tile
-loads are W4A16's (w4a16.int4_nibbles: ``[BLOCK_N, BLOCK_K/8]`` words along their contiguous axis;
-w4a16.group_words: multipliers and zeros once per group), the tiles ``w8a8.int4_gemm_config``.
+loads are W4A16's (gemm_common.int4_nibbles: ``[BLOCK_N, BLOCK_K/8]`` words along their contiguous axis;
+gemm_common.group_words: multipliers and zeros once per group), the tiles ``w8a8.int4_gemm_config``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from lowbit.kernels.w8a8 import (
     int4_gemm_config,
     scale_epilogue,
 )
-from lowbit.kernels.w4a16 import group_words, int4_nibbles
+from lowbit.kernels.gemm_common import group_words, int4_nibbles
 
 
 def dgq_int8_weight(packed: torch.Tensor, m: torch.Tensor, zero: torch.Tensor | None, k: int) -> torch.Tensor:

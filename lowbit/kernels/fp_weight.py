@@ -26,8 +26,6 @@ E8M0 scale leaves float16's range.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,23 +33,29 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.formats.blockfp import MX_BLOCK, NV_BLOCK, dequantize_mxfp4, dequantize_nvfp4, unpack_fp4, unpack_fp6
-from lowbit.formats.fp import E2M1, E2M3, E3M2, decode_fp
-from lowbit.kernels.w4a16 import (
+from lowbit.formats.fp import E2M3, E3M2, decode_fp
+from lowbit.kernels.gemm_common import (
     DECODE_BLOCK_K,
     DECODE_BLOCK_N,
     DECODE_PROGRAMS_PER_SM,
     DECODE_STAGES,
     FLOAT_DTYPES,
+    SMALL_M,
+    GemmConfig,
+    _sm_count,
+    _split,
     check_activation,
     check_launchable,
     check_tensor,
+    even_k,
+    launch_gemm,
     triton,
 )
 
 if triton is not None:
     import triton.language as tl
 
-    from lowbit.kernels.w4a16 import dot_acc, store_tile
+    from lowbit.kernels.gemm_common import dot_acc, store_tile
 
 FP6_FORMATS = {"e3m2": E3M2, "e2m3": E2M3}
 
@@ -194,22 +198,7 @@ def fp6_triton(
     return _launch(_fp6_kernel, x, N, out_dtype, weight_args, EBITS=f.ebits, MBITS=f.mbits, BIAS=f.bias)
 
 
-@dataclass(frozen=True)
-class FpGemmConfig:
-    """Tile sizes and launch parameters of one FP4/FP6 GEMM launch."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int
-    num_warps: int
-    num_stages: int
-
-
-SMALL_M = 16  # at or below this many rows the split-K (GEMV-like) configuration is used
-
-
-def fp_gemm_config(M: int, N: int, K: int, device: torch.device) -> FpGemmConfig:
+def fp_gemm_config(M: int, N: int, K: int, device: torch.device) -> GemmConfig:
     """Tiles for an H100/H200-class GPU (every tl.dot dim >= 16; BLOCK_K a multiple of the 32-element MX block).
 
     ``M <= 16`` (decode) is memory bound: as W4A16 (w4a16.gemm_config), small ``16 x 64 x 128`` tiles on 4 warps
@@ -223,58 +212,24 @@ def fp_gemm_config(M: int, N: int, K: int, device: torch.device) -> FpGemmConfig
     """
     if device.type != "cuda":
         if M <= SMALL_M:
-            return FpGemmConfig(16, 128, 128, _split(N, K, 128, 128, 4), 4, 3)  # 4 programs
-        return FpGemmConfig(32 if M <= 32 else 64, 128, 128, 1, 4, 3)
+            return GemmConfig(16, 128, 128, _split(N, K, 128, 128, 4), 4, 3)  # 4 programs
+        return GemmConfig(32 if M <= 32 else 64, 128, 128, 1, 4, 3)
     if M <= SMALL_M:
         block_n, block_k = DECODE_BLOCK_N, DECODE_BLOCK_K
         split = _split(N, K, block_n, block_k, DECODE_PROGRAMS_PER_SM * _sm_count(device))
-        return FpGemmConfig(16, block_n, block_k, split, 4, DECODE_STAGES)
+        return GemmConfig(16, block_n, block_k, split, 4, DECODE_STAGES)
     if M <= 64:
-        return FpGemmConfig(32 if M <= 32 else 64, 128, 64, 1, 4, 3)
-    return FpGemmConfig(128, 128, 64, 1, 8, 3)
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _split(N: int, K: int, block_n: int, block_k: int, programs: int) -> int:
-    """K splits so that ``N/block_n * split`` programs reach about ``programs`` (1..16, none empty)."""
-    n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
-    split = max(1, min(16, k_tiles, programs // n_tiles))
-    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # drop splits that would get no K tile
+        return GemmConfig(32 if M <= 32 else 64, 128, 64, 1, 4, 3)
+    return GemmConfig(128, 128, 64, 1, 8, 3)
 
 
 def _launch(
     kernel: Any, x: torch.Tensor, N: int, out_dtype: torch.dtype, weight_args: tuple[Any, ...], **constexprs: Any
 ) -> torch.Tensor:
-    """Launch ``kernel(x, y, M, N, K, *weight_args, **meta)`` on :func:`fp_gemm_config` tiles.
-
-    ``K_ITERS`` (K tiles per split) is a constexpr: the Triton 3.6 interpreter cannot loop to a runtime bound
-    under numpy >= 2.4, and the compiler gets a static, pipelinable loop. ``EVEN_K`` says every split walks
-    only full K tiles, so the loads need no mask at all (rows past M or N are clamped, never masked). A split
-    K accumulates into a zeroed float32 buffer with atomic adds; the result is returned in ``out_dtype``.
-    """
-    M, K = x.shape
-    if M == 0 or N == 0:
-        return torch.zeros(M, N, dtype=out_dtype, device=x.device)
-    cfg = fp_gemm_config(M, N, K, x.device)
-    k_tiles = triton.cdiv(K, cfg.block_k)
-    k_iters = triton.cdiv(k_tiles, cfg.split_k)
-    even_k = K % cfg.block_k == 0 and k_iters * cfg.split_k == k_tiles
-    if cfg.split_k > 1:
-        y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-    else:
-        y = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
-    kernel[grid](
-        x, y, M, N, K, *weight_args,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_ITERS=k_iters, SPLIT_K=cfg.split_k,
-        EVEN_K=even_k, DOT_IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **constexprs,
-    )
-    return y if y.dtype == out_dtype else y.to(out_dtype)
+    """:func:`gemm_common.launch_gemm` on :func:`fp_gemm_config` tiles; ``EVEN_K`` drops the K masks where every
+    split walks only full K tiles (rows past M or N are clamped, never masked)."""
+    cfg = fp_gemm_config(x.shape[0], N, x.shape[1], x.device)
+    return launch_gemm(kernel, x, N, out_dtype, weight_args, cfg=cfg, EVEN_K=even_k(x.shape[1], cfg), **constexprs)
 
 
 # ---- Triton kernels ------------------------------------------------------------------------------------

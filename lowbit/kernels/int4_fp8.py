@@ -13,8 +13,8 @@ lookup table of FP8 entries ``{-8 s, ..., 7 s}`` (ALGORITHMS.md 8.3): e.g. ``s =
 ``7.875 -> 8.0``. The reference reproduces that rounding, so it is the kernel's numbers, not the pseudo-quant
 simulation's.
 
-The Triton kernel loads each INT4 tile as W4A16 does (w4a16.int4_nibbles: ``[BLOCK_N, BLOCK_K/8]`` words along
-their contiguous axis; w4a16.group_words: scales once per group), decodes it in registers, multiplies by the group
+The Triton kernel loads each INT4 tile as W4A16 does (gemm_common.int4_nibbles: ``[BLOCK_N, BLOCK_K/8]`` words along
+their contiguous axis; gemm_common.group_words: scales once per group), decodes it in registers, multiplies by the group
 scale in float32 (exact: 4-bit by 4-bit significands) and rounds onto the E4M3 grid: compiled, by the saturating
 round-to-nearest-even float32 -> float8e4nv cast itself; interpreted, with ``w8a8.round_e4m3`` first and an exact
 cast (see w8a8.py for why the interpreter's cast is not trusted). Then it runs an FP8 x FP8 dot with float32
@@ -41,7 +41,7 @@ from lowbit.kernels.w8a8 import (
     round_e4m3,
     scale_epilogue,
 )
-from lowbit.kernels.w4a16 import group_words, int4_nibbles, interpreting
+from lowbit.kernels.gemm_common import group_words, int4_nibbles, interpreting
 
 
 def fireq_fp8_weight(packed: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from lowbit.formats.fp import E4M3
 from lowbit.formats.int import quantize_activation_per_token
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import ActScheme, WeightScheme
-from lowbit.formats.storage import DUAL, FLOAT8, FP6, FP8SCALE, INT, MXFP4, NVFP4, PACKED, empty_buffers, from_buffers, storage_format, to_buffers
+from lowbit.formats.storage import INT, PACKED, empty_buffers, from_buffers, storage_format, to_buffers
 from lowbit.kernels.dispatch import Backend, resolve_backend
 
 __all__ = ["QuantLinear", "storage_format", "PACKED", "INT", "fake_quantize_activation"]

@@ -45,7 +45,7 @@ import triton.language as tl
 from lowbit.errors import LowbitError
 from lowbit.formats.fp import E4M3, round_to_fp
 from lowbit.formats.int import quantize_activation_per_token
-from lowbit.kernels.w4a16 import _sm_count, group_block_k, group_mode
+from lowbit.kernels.gemm_common import _sm_count, check_tensor, group_block_k, group_mode
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -93,20 +93,6 @@ def round_e4m3(v):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> None:
-    """Raise LowbitError unless ``t`` is a contiguous ``dtype`` tensor of ``shape`` on ``device``."""
-    if not isinstance(t, torch.Tensor):
-        raise LowbitError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise LowbitError(f"{name} must be {dtype}, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise LowbitError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if t.device != device:
-        raise LowbitError(f"{name} is on {t.device}, expected {device} (all kernel inputs on one device)")
-    if not t.is_contiguous():
-        raise LowbitError(f"{name} must be contiguous")
-
-
 def check_launch(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> None:
     """Raise LowbitError unless ``x`` is a 2-D tensor Triton can run on and ``out_dtype`` a model dtype.
 
@@ -151,7 +137,7 @@ def int4_gemm_config(m: int, n: int, k: int, group_size: int, device: torch.devi
     tiles (16 when N/32 is under half the SM count) on 4 warps, 4 stages; m <= 64 runs ``64 x 128 x 128`` and larger m ``128 x 128 x 128``, both on 8
     warps, 3 stages. Shared memory per stage is ``BLOCK_M*BLOCK_K + BLOCK_N*BLOCK_K/2`` bytes (at most 24 KiB)
     plus one int8/fp8 dequantized tile. Interpreted (CPU tensors) the tiles are those the tests were sized for.
-    BLOCK_K then follows ``w4a16.group_block_k`` (8-bit dots need K tiles of at least 32), and the returned
+    BLOCK_K then follows ``gemm_common.group_block_k`` (8-bit dots need K tiles of at least 32), and the returned
     dict also carries the kernel constexprs ``GROUP_MODE`` and ``EVEN_K`` (K a multiple of BLOCK_K).
     """
     if device.type != "cuda":

@@ -10,7 +10,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.packing import pack_codes
-from lowbit.kernels import w4a16
+from lowbit.kernels import gemm_common, w4a16
 from lowbit.kernels.w4a16 import GEMV_KERNEL_MAX_M as GEMV_MAX_M, w4a16_reference, w4a16_triton
 
 # Tolerance (docs/KERNELS.md "Tolerances"): max|y_triton - y_ref| <= TOL * max|y_ref|, TOL = 1e-2 for
@@ -62,8 +62,8 @@ def run_parity(M: int, N: int, K: int, group: int, x_dtype: torch.dtype, scale_d
 # (M, N, K, group): M <= GEMV_MAX_M takes the GEMV path, larger M the tiled GEMM. Interpreted, BLOCK_K is 128 for
 # power-of-two groups up to 128 (several groups per K tile), the largest power of two dividing the group for
 # larger groups (group 192 or 576: 64, group 96: 32; K tiles inside one group), and 128 with per-word scale loads
-# for group 40 (w4a16.group_block_k). Most K leave a partial last K tile; interpreted, (5, 64, 576) runs 3 splits
-# of 2 tiles, the last one past K, and (3, 40, 320) 3 splits of 2 channel-wise tiles (w4a16.gemm_config).
+# for group 40 (gemm_common.group_block_k). Most K leave a partial last K tile; interpreted, (5, 64, 576) runs 3 splits
+# of 2 tiles, the last one past K, and (3, 40, 320) 3 splits of 2 channel-wise tiles (gemm_common.gemm_config).
 SMALL = [
     (1, 96, 192, 64),
     (5, 64, 576, 64),
@@ -170,7 +170,7 @@ def test_gemv_config_gpu_shapes(monkeypatch) -> None:
     cfg = w4a16.gemv_config(16, 4096, 14336, cuda, 128)
     assert (cfg.block_m, cfg.block_k) == (16, 128)
     cfg = w4a16.gemv_config(3, 4096, 11008, cuda, 11008)  # channel-wise, 11008 = 256 * 43
-    assert (cfg.block_m, cfg.block_k) == (4, 256) and w4a16.group_mode(11008, cfg.block_k) == w4a16.TILE_IN_GROUP
+    assert (cfg.block_m, cfg.block_k) == (4, 256) and gemm_common.group_mode(11008, cfg.block_k) == gemm_common.TILE_IN_GROUP
 
 
 def independent_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
