@@ -142,3 +142,20 @@ def decode_e8m0(code: torch.Tensor) -> torch.Tensor:
     """float32 ``2^(code - 127)`` of E8M0 codes (uint8); NaN for 255."""
     v = torch.ldexp(torch.ones(code.shape, dtype=torch.float32, device=code.device), code.long() - 127)
     return torch.where(code == 255, torch.nan, v)
+
+
+FP8_SCALE_EPS = 1e-12  # smallest per-token FP8 scale (an all-zero row)
+
+
+def quantize_activation_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token FP8 E4M3 of activations ``x [..., K]``: ``s = max(absmax / 448, 1e-12)``,
+    ``q = e4m3(x / s)`` (round to nearest even, saturating).
+
+    Returns float8_e4m3fn ``[..., K]`` and float32 scales ``[..., 1]``. The scale divides elementwise (torch on
+    CUDA multiplies by the reciprocal of a Python-scalar divisor, which is not IEEE division); torch's cast is
+    round-to-nearest-even like :func:`round_to_fp` and the clamp makes it saturate.
+    """
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1, keepdim=True)
+    s = (absmax / torch.full_like(absmax, E4M3.max)).clamp_min(FP8_SCALE_EPS)
+    return (xf / s).clamp(-E4M3.max, E4M3.max).to(torch.float8_e4m3fn), s

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.formats.fp import E4M3, decode_fp, encode_fp, fp_format, round_to_fp
-from lowbit.formats.int import compute_qparams, expand_groups, group_view
+from lowbit.formats.int import _store, compute_qparams, expand_groups, group_view
 from lowbit.formats.scheme import WeightScheme
 
 E4M3_TINY = 2.0**-9  # smallest positive E4M3 subnormal: the floor of E4M3 scales
@@ -67,11 +67,6 @@ def _view(w: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
     if scheme.strategy == "tensor":
         return w.reshape(1, 1, -1)
     return group_view(w, scheme.columns_per_scale(w.shape[1]))
-
-
-def _store(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    floor = max(1e-8, torch.finfo(scale_dtype).tiny)
-    return scale.clamp_min(floor).to(scale_dtype).float()
 
 
 def compute_params(

@@ -43,14 +43,11 @@ import triton
 import triton.language as tl
 
 from lowbit.errors import LowbitError
-from lowbit.formats.fp import E4M3, round_to_fp
-from lowbit.formats.int import quantize_activation_per_token
+from lowbit.formats.fp import FP8_SCALE_EPS, quantize_activation_per_token_fp8
+from lowbit.formats.int import SCALE_EPS as INT8_SCALE_EPS, quantize_activation_per_token
 from lowbit.kernels.gemm_common import _sm_count, check_tensor, group_block_k, group_mode
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-FP8_SCALE_EPS = 1e-12
-INT8_SCALE_EPS = 1e-8  # formats.int.SCALE_EPS
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # |int8 * int8| <= 2^14, so K < 2^17 products always fit the int32 accumulator.
 MAX_K_INT32 = 1 << 17
@@ -182,11 +179,7 @@ def quantize_per_token_int8_reference(x: torch.Tensor) -> tuple[torch.Tensor, to
 
 def quantize_per_token_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8 E4M3 of ``x [M, K]``: float8_e4m3fn ``[M, K]`` values, float32 ``[M, 1]`` scales."""
-    xf = x.float()
-    absmax = xf.abs().amax(dim=-1, keepdim=True)
-    # elementwise division: torch on CUDA multiplies by the reciprocal of a Python scalar divisor instead
-    s = (absmax / torch.full_like(absmax, FP8_MAX)).clamp_min(FP8_SCALE_EPS)
-    return round_to_fp(xf / s, E4M3).to(FP8), s  # exact cast: round_to_fp already rounded and saturated
+    return quantize_activation_per_token_fp8(x)
 
 
 @triton.jit

@@ -201,6 +201,7 @@ def _column_loop(
     B = options.block_size if static else max(gs, options.block_size // gs * gs)
 
     order = perm.tolist()
+    generic = params is not None and not scheme.is_plain_int
     Wp = W[:, perm]  # [rows, in] in processing order
     codes = torch.empty(out_f, in_f, device=W.device)  # grid values (formats/grid.py), at natural column indices
     loss = torch.zeros(out_f, device=W.device)
@@ -215,7 +216,7 @@ def _column_loop(
         for i in range(i2 - i1):
             j = order[i1 + i]
             w = W1[:, i]
-            if params is not None and not scheme.is_plain_int:  # any grid, through formats/grid.py
+            if generic:  # any grid, through formats/grid.py
                 col = GridParams(s_cols[:, i : i + 1], None if z_cols is None else z_cols[:, i : i + 1],
                                  params.global_scale, params.channel_scale)
                 q = round_values(w[:, None], col, scheme)
