@@ -70,15 +70,29 @@ def measure(
     ``fisher`` (float32 ``[out]``, optional) weights each output channel's error ``dW_o H dW_o^T``.
     """
     H = stats.hessian()
-    F = torch.ones(W.shape[0]) if fisher is None else fisher.float()
     loss, cost = {}, {}
     for key, scheme in candidates.items():
         qw = rtn_weight(W, scheme, scale_dtype)
-        dW = W.float() - qw.dequantize(torch.float32)
-        per_row = ((dW @ H) * dW).sum(dim=1)  # [out]: dW_o H dW_o^T
-        loss[key] = float((F @ per_row).clamp_min(0.0))
+        loss[key] = weighted_loss(W, qw.dequantize(torch.float32), H, fisher)
         cost[key] = qw.storage_bits()
     return LayerSensitivity(name, W.numel(), loss, cost)
+
+
+def weighted_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor | None = None) -> float:
+    """``sum_o F_o dW_o H dW_o^T`` for ``W, W_hat [out, in]``, ``H [in, in]`` and ``fisher [out]`` (None: F = 1)."""
+    dW = W.float() - W_hat.float()
+    per_row = ((dW @ H) * dW).sum(dim=1)  # [out]: dW_o H dW_o^T
+    F = torch.ones(W.shape[0]) if fisher is None else fisher.float()
+    return float((F @ per_row).clamp_min(0.0))
+
+
+def rescale(layer: LayerSensitivity, ratio: Mapping[int, float], bits: Callable[[Any], int]) -> LayerSensitivity:
+    """The layer with each option's loss multiplied by the ratio measured for its width (1 where none was).
+
+    ``ratio[b]`` is what the recipe's rounding method achieves at width b over RTN on this layer, so the
+    allocation weighs the errors the checkpoint will have rather than RTN's.
+    """
+    return LayerSensitivity(layer.name, layer.params, {k: v * ratio.get(bits(k), 1.0) for k, v in layer.loss.items()}, layer.cost)
 
 
 def chain(layer: LayerSensitivity) -> list[Any]:

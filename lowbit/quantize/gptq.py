@@ -22,6 +22,7 @@ from lowbit.formats.grid import GridParams, compute_params, dequantize_values, r
 from lowbit.formats.int import compute_qparams, expand_groups, mse_clip
 from lowbit.formats.parallel import WORKERS, worker_pool
 from lowbit.formats.scheme import WeightScheme
+from lowbit.quantize.refit import refit_group_scales
 from lowbit.quantize.rounding import RoundResult, register_rounder
 from lowbit.quantize.rtn import from_values, rtn_weight
 
@@ -83,7 +84,7 @@ def _group_params(
     per_row = scheme.per_row()
     clip = 1.0
     if options.mse_clip:
-        clip = mse_clip(cols, per_row, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm)
+        clip = mse_clip(cols, per_row, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride)
     return compute_qparams(cols, per_row, scale_dtype, clip)
 
 
@@ -153,7 +154,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: t
     params = None
     if static:
         search = options.mse_clip and scheme.is_plain_int
-        clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm) if search else 1.0
+        clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride) if search else 1.0
         params = compute_params(W, scheme, scale_dtype, clip)
 
     chunks = LOOP_THREADS if scheme.strategy != "tensor" and out_f >= ROWS_PER_THREAD * LOOP_THREADS else 1
@@ -172,6 +173,8 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: t
     total = float(loss.sum())
     if not torch.isfinite(torch.tensor(total)):
         return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, "GPTQ loss not finite: fell back to RTN")
+    if options.refit_scales and scheme.is_plain_int and scheme.strategy in ("group", "channel"):
+        params = GridParams(refit_group_scales(W, H, values, params.scale, params.zero, scale_dtype), params.zero)
     return RoundResult(from_values(values, params, scheme, scale_dtype), total, note, loss)
 
 
@@ -207,41 +210,48 @@ def _column_loop(
     loss = torch.zeros(out_f, device=W.device)
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
-        W1, U1 = Wp[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        E1 = torch.zeros_like(W1)
-        Q1 = torch.empty_like(W1)
+        # The block's columns as rows (W1T [i2 - i1, rows]): each column is contiguous, and so is each
+        # rank-1 update below (30 % faster than on [rows, cols] for the same elementwise arithmetic).
+        W1T, U1 = Wp[:, i1:i2].t().contiguous(), U[i1:i2, i1:i2]
+        diag = U1.diagonal().tolist()  # Python floats: dividing by one is bit-identical to a 0-d tensor
+        qs: list[torch.Tensor] = []  # this block's grid values and scaled errors, column by column
+        errs: list[torch.Tensor] = []
         if static:  # per-column scale / zero of this block, natural group of each column
             s_cols = expand_groups(scale, in_f)[:, perm[i1:i2]].expand(out_f, -1)
             z_cols = None if zero is None else expand_groups(zero, in_f)[:, perm[i1:i2]].float()
         for i in range(i2 - i1):
-            j = order[i1 + i]
-            w = W1[:, i]
+            w = W1T[i]
             if generic:  # any grid, through formats/grid.py
                 col = GridParams(s_cols[:, i : i + 1], None if z_cols is None else z_cols[:, i : i + 1],
                                  params.global_scale, params.channel_scale)
                 q = round_values(w[:, None], col, scheme)
                 dq = dequantize_values(q, col, scheme, None, scale_dtype)[:, 0]
                 q = q[:, 0]
-            else:  # the plain int grid inline: the hot path of every INT preset
+            else:  # the plain int grid inline: the hot path of every INT preset, as few ops as possible
                 if static:
                     s, z = s_cols[:, i], (None if z_cols is None else z_cols[:, i])
                 else:
-                    g = j // gs
+                    g = order[i1 + i] // gs
                     if (i1 + i) % gs == 0:  # a group starts: its scale from the compensated weights
-                        s_g, z_g = _group_params(W1[:, i : i + gs], scheme, scale_dtype, options)
+                        s_g, z_g = _group_params(W1T[i : i + gs].t().contiguous(), scheme, scale_dtype, options)
                         scale[:, g] = s_g[:, 0]
                         if zero is not None:
                             zero[:, g] = z_g[:, 0]
-                    s, z = scale[:, g], (None if zero is None else zero[:, g].float())
-                q = torch.round(w / s) if z is None else torch.round(w / s) + z
-                q = q.clamp(scheme.qmin, scheme.qmax)
-                dq = ((q if z is None else q - z) * s).to(scale_dtype).float()  # exactly what dequantize gives
-            Q1[:, i] = q
-            d = U1[i, i]
-            err = (w - dq) / d
-            loss += (w - dq).pow(2) / d.pow(2) / 2
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        codes[:, perm[i1:i2]] = Q1
+                        s_now, z_now = scale[:, g], (None if zero is None else zero[:, g].float())
+                    s, z = s_now, z_now
+                q = torch.div(w, s).round_()
+                if z is not None:
+                    q.add_(z)
+                q.clamp_(scheme.qmin, scheme.qmax)
+                dq = (q if z is None else q - z) * s
+                if scale_dtype != torch.float32:
+                    dq = dq.to(scale_dtype).float()  # exactly what dequantize gives
+            qs.append(q)
+            err = (w - dq).div_(diag[i])
+            errs.append(err)
+            W1T[i:].sub_(torch.outer(U1[i, i:], err))
+        E1 = torch.stack(errs, dim=1)  # [rows, i2 - i1]: (w - q) / d per column
+        codes[:, perm[i1:i2]] = torch.stack(qs, dim=1)
+        loss += E1.square().sum(dim=1) / 2  # sum (w - q)^2 / d^2 / 2
         Wp[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of all later columns
     return codes, params if params is not None else GridParams(scale, zero), loss

@@ -27,7 +27,7 @@ def rtn_weight(
     scheme = scheme.for_layer(W.shape[1])
     clip = 1.0
     if options is not None and options.mse_clip and scheme.is_plain_int:
-        clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm)
+        clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride)
     params = compute_params(W, scheme, scale_dtype, clip)
     return from_values(round_values(W, params, scheme, W.shape[1]), params, scheme, scale_dtype)
 

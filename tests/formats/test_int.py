@@ -161,3 +161,27 @@ def test_mse_clip_matches_the_shared_primitives(scheme: WeightScheme, scale_dtyp
             best_err = torch.where(better, err, best_err)
             best_p = torch.where(better, torch.full_like(best_p, p), best_p)
     assert torch.equal(mse_clip(w, scheme, scale_dtype), best_p)
+
+
+def test_mse_clip_stride_refines_the_coarse_search() -> None:
+    """stride k: never worse than every k-th candidate, on the grid, and mostly the exhaustive choice."""
+    from lowbit.formats.int import compute_qparams, dequantize_codes, mse_clip, quantize_codes
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(200, 256, generator=g) * torch.rand(200, 1, generator=g)
+    scheme = WeightScheme(bits=3, strategy="group", group_size=64)
+
+    def errors(p: torch.Tensor | float) -> torch.Tensor:
+        scale, zero = compute_qparams(w, scheme, torch.float16, clip=p)
+        err = dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, torch.float32, torch.float16) - w
+        return err.abs().pow(2.4).reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
+
+    full = mse_clip(w, scheme, torch.float16)
+    coarse = mse_clip(w, scheme, torch.float16, stride=4)
+    on_grid = torch.isclose(coarse * 100, torch.round(coarse * 100), atol=1e-3)
+    assert bool(on_grid.all()) and bool((coarse > 0.2).all())
+    chosen = errors(coarse)
+    for i in range(0, 80, 4):
+        assert bool((chosen <= errors(1.0 - i / 100)).all())
+    assert float((coarse == full).float().mean()) >= 0.9
+    assert torch.equal(mse_clip(w, scheme, torch.float16, stride=1), full)
