@@ -200,7 +200,7 @@ def _column_loop(
         scale = torch.empty(out_f, in_f // gs, device=W.device)
         zero = None if scheme.symmetric else torch.empty(out_f, in_f // gs, dtype=torch.int8, device=W.device)
     # Blocks hold whole groups when group scales are computed on the fly, so a group's up-to-date
-    # weights are all inside the current block copy W1 (ALGORITHMS.md §1.6, the intra-block pitfall).
+    # weights are all inside the current block copy W1T (ALGORITHMS.md §1.6, the intra-block pitfall).
     B = options.block_size if static else max(gs, options.block_size // gs * gs)
 
     order = perm.tolist()
@@ -231,14 +231,14 @@ def _column_loop(
                 if static:
                     s, z = s_cols[:, i], (None if z_cols is None else z_cols[:, i])
                 else:
-                    g = order[i1 + i] // gs
                     if (i1 + i) % gs == 0:  # a group starts: its scale from the compensated weights
+                        g = order[i1 + i] // gs
                         s_g, z_g = _group_params(W1T[i : i + gs].t().contiguous(), scheme, scale_dtype, options)
                         scale[:, g] = s_g[:, 0]
                         if zero is not None:
                             zero[:, g] = z_g[:, 0]
-                        s_now, z_now = scale[:, g], (None if zero is None else zero[:, g].float())
-                    s, z = s_now, z_now
+                        s_group, z_group = scale[:, g], (None if zero is None else zero[:, g].float())
+                    s, z = s_group, z_group
                 q = torch.div(w, s).round_()
                 if z is not None:
                     q.add_(z)
