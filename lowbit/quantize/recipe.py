@@ -197,9 +197,12 @@ PRESETS: dict[str, Recipe] = {
                INT4_G128, method=GPTQ),
         Recipe("w2a16", "INT2 asymmetric group-64 weights, GPTQ (group-aware order, MSE clipping, scale refit)",
                WeightScheme(bits=2, strategy="group", group_size=64, symmetric=False), method=GPTQ, rounding=GPTQ_BEST),
-        Recipe("baq-3.5", "BAQ: per-layer INT2/3/4/8, group 128 or the model's, symmetric or asymmetric, at 3.5 average "
-               "bits (scales and zero points counted), GPTQ rounding",
-               INT4_G128, method=GPTQ, rounding=GPTQ_BEST, baq=BAQOptions(avg_bits=3.5, group_sizes=(128,), asymmetric=True)),
+        # SmolLM2 (BENCHMARKS.md): widths {2,3,4,8} x {model's group, 128} 27.90; adding widths 5 and 6 and
+        # group 32 26.998 (v_proj takes 5-6 bits in most blocks, the MLPs 3 bits).
+        Recipe("baq-3.5", "BAQ: per-layer INT2/3/4/5/6/8, group 32, 128 or the model's, symmetric or asymmetric, at 3.5 "
+               "average bits (scales and zero points counted), GPTQ rounding",
+               INT4_G128, method=GPTQ, rounding=GPTQ_BEST,
+               baq=BAQOptions(avg_bits=3.5, widths=(2, 3, 4, 5, 6, 8), group_sizes=(32, 128), asymmetric=True)),
         Recipe("w4a16-rtn", "INT4 symmetric group-128 weights by round-to-nearest (the baseline GPTQ improves on)",
                INT4_G128),
         Recipe("w4a16-nvfp4", "NVFP4 weights: FP4 E2M1, blocks of 16 with E4M3 scales and one FP32 global scale, GPTQ; "
