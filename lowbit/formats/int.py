@@ -204,6 +204,7 @@ def mse_clip(
 
 def _first_min(err: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Per group, the smallest candidate index among those of least error: int64 ``[o, G]`` from ``[C, o, G]``."""
+    err = err.nan_to_num(nan=float("inf"))  # a non-finite weight: every candidate ties, the first (p = 1) wins
     least = err == err.min(dim=0, keepdim=True).values
     return torch.where(least, idx, torch.iinfo(torch.int64).max).min(dim=0).values
 

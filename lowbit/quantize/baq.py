@@ -82,7 +82,7 @@ def weighted_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, fisher:
     """``sum_o F_o dW_o H dW_o^T`` for ``W, W_hat [out, in]``, ``H [in, in]`` and ``fisher [out]`` (None: F = 1)."""
     dW = W.float() - W_hat.float()
     per_row = ((dW @ H) * dW).sum(dim=1)  # [out]: dW_o H dW_o^T
-    F = torch.ones(W.shape[0]) if fisher is None else fisher.float()
+    F = torch.ones(W.shape[0], device=per_row.device) if fisher is None else fisher.float().to(per_row.device)
     return float((F @ per_row).clamp_min(0.0))
 
 

@@ -213,7 +213,7 @@ def _column_loop(
         # The block's columns as rows (W1T [i2 - i1, rows]): each column is contiguous, and so is each
         # rank-1 update below (30 % faster than on [rows, cols] for the same elementwise arithmetic).
         W1T, U1 = Wp[:, i1:i2].t().contiguous(), U[i1:i2, i1:i2]
-        diag = U1.diagonal().tolist()  # Python floats: dividing by one is bit-identical to a 0-d tensor
+        diag = U1.diagonal().tolist()  # Python floats: on the CPU, dividing by one is bit-identical to a 0-d tensor
         qs: list[torch.Tensor] = []  # this block's grid values and scaled errors, column by column
         errs: list[torch.Tensor] = []
         if static:  # per-column scale / zero of this block, natural group of each column

@@ -185,3 +185,16 @@ def test_mse_clip_stride_refines_the_coarse_search() -> None:
         assert bool((chosen <= errors(1.0 - i / 100)).all())
     assert float((coarse == full).float().mean()) >= 0.9
     assert torch.equal(mse_clip(w, scheme, torch.float16, stride=1), full)
+
+
+def test_mse_clip_keeps_the_full_range_for_non_finite_groups() -> None:
+    from lowbit.formats.int import mse_clip
+
+    w = torch.randn(4, 64)
+    w[1, 3] = float("nan")
+    w[2, 5] = float("inf")
+    scheme = WeightScheme(bits=4, strategy="group", group_size=32)
+    for stride in (1, 4):
+        p = mse_clip(w, scheme, torch.float16, stride=stride)
+        assert p[1, 0] == 1.0 and p[2, 0] == 1.0
+        assert bool(((p > 0.2) & (p <= 1.0)).all())

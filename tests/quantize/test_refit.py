@@ -68,3 +68,17 @@ def test_groups_of_zero_codes_keep_their_scale() -> None:
     new = refit_group_scales(W, H, codes, scale, zero, torch.float16)
     assert torch.equal(new[:5, 0], scale[:5, 0])
     assert bool((new > 0).all()) and torch.equal(new, new.half().float())
+
+
+def test_rows_refit_in_chunks_give_the_same_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large layers are refit a chunk of rows at a time (bounded memory); rows are independent problems."""
+    import lowbit.quantize.refit as refit_module
+
+    W, H = _problem(4)
+    scheme = WeightScheme(bits=4, strategy="group", group_size=32, symmetric=False)
+    scale, zero = compute_qparams(W, scheme, torch.float16)
+    codes = quantize_codes(W, scale, zero, scheme).float()
+    whole = refit_group_scales(W, H, codes, scale, zero, torch.float16)
+    monkeypatch.setattr(refit_module, "REFIT_BYTES", 4 * 4 * 128 * 5)  # 5 rows per chunk
+    chunked = refit_group_scales(W, H, codes, scale, zero, torch.float16)
+    assert torch.allclose(chunked, whole, rtol=1e-3) and not torch.equal(whole, scale)
