@@ -33,13 +33,18 @@ def _blocks(W: torch.Tensor, block: int) -> torch.Tensor:
     return W.float().reshape(out_f, in_f // block, block)  # [out, in/block, block]
 
 
+def mx_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The MX (E8M0) block scale ``2^(floor(log2 amax) - 2)`` of block maxima ``amax`` (float32, any shape);
+    2^-127 for an all-zero block. The one place the "FLOOR" rule is written (formats/grid.py uses it too)."""
+    _, E = torch.frexp(amax)
+    e = torch.where(amax > 0, E - 1 - E2M1_EMAX, torch.full_like(E, -127)).clamp(-127, 127)
+    return torch.ldexp(torch.ones_like(amax), e)
+
+
 def quantize_mxfp4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MXFP4 codes uint8 ``[out, in]`` and E8M0 scale codes uint8 ``[out, in/32]`` of ``W [out, in]``."""
     Wb = _blocks(W, MX_BLOCK)
-    amax = Wb.abs().amax(dim=-1)  # [out, B]
-    _, E = torch.frexp(amax)
-    e = torch.where(amax > 0, E - 1 - E2M1_EMAX, torch.full_like(E, -127)).clamp(-127, 127)
-    scale = torch.ldexp(torch.ones_like(amax), e)
+    scale = mx_scale(Wb.abs().amax(dim=-1))  # [out, B]
     codes = encode_fp(Wb / scale[..., None], E2M1)
     return codes.reshape(W.shape), e8m0_exponent(scale)
 

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.formats.blockfp import E4M3_TINY, mx_scale
 from lowbit.formats.fp import E4M3, decode_fp, encode_fp, fp_format, round_to_fp
 from lowbit.formats.int import _store, compute_qparams, expand_groups, group_view
 from lowbit.formats.scheme import WeightScheme
 
-E4M3_TINY = 2.0**-9  # smallest positive E4M3 subnormal: the floor of E4M3 scales
-E2M1_EMAX = 2  # floor(log2(6)): the MX scale exponent is floor(log2(amax)) - 2
 FIREQ_MAX_SHIFT = 14  # pre-scales 2^0 .. 2^14 are tried (ALGORITHMS.md §8.1)
 DGQ_CANDIDATES = 80  # per-row coarse-scale ratios r = 1.02 - 0.82 i / 80, i = 1..80 (ALGORITHMS.md §7.2)
 
@@ -87,9 +86,7 @@ def compute_params(
         if scheme.scale_format == "float":
             return GridParams(_store(amax * clip / fmt.max, scale_dtype))
         if scheme.scale_format == "e8m0":
-            _, E = torch.frexp(amax)
-            e = torch.where(amax > 0, E - 1 - E2M1_EMAX, torch.full_like(E, -127)).clamp(-127, 127)
-            return GridParams(torch.ldexp(torch.ones_like(amax), e))
+            return GridParams(mx_scale(amax))
         # e4m3 block scales under a per-tensor global divisor (NVFP4)
         G = (E4M3.max * fmt.max / w.abs().amax().clamp_min(1e-12)).reshape(1)
         s_b = round_to_fp(amax / fmt.max * G, E4M3).clamp(E4M3_TINY, E4M3.max)
