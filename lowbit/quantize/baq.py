@@ -86,15 +86,6 @@ def weighted_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, fisher:
     return float((F @ per_row).clamp_min(0.0))
 
 
-def rescale(layer: LayerSensitivity, ratio: Mapping[int, float], bits: Callable[[Any], int]) -> LayerSensitivity:
-    """The layer with each option's loss multiplied by the ratio measured for its width (1 where none was).
-
-    ``ratio[b]`` is what the recipe's rounding method achieves at width b over RTN on this layer, so the
-    allocation weighs the errors the checkpoint will have rather than RTN's.
-    """
-    return LayerSensitivity(layer.name, layer.params, {k: v * ratio.get(bits(k), 1.0) for k, v in layer.loss.items()}, layer.cost)
-
-
 def chain(layer: LayerSensitivity) -> list[Any]:
     """The layer's options on the lower convex hull of (cost, loss), cheapest first.
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.calibrate.fisher import SensitivityStats, collect_sensitivity_stats
+from lowbit.calibrate.fisher import collect_sensitivity_stats
 from lowbit.calibrate.runner import BlockInputs, capture_block_inputs
 from lowbit.calibrate.staged import run_block_staged
 from lowbit.calibrate.sources import calibration_texts
@@ -230,36 +230,6 @@ def baq_candidates(base: WeightScheme, recipe: Recipe, in_features: int) -> tupl
     return found, base.for_layer(in_features)
 
 
-def rounding_ratios(
-    model: nn.Module, recipe: Recipe, base: WeightScheme, scale_dtype: torch.dtype, stats: SensitivityStats,
-    layers: list[baq.LayerSensitivity], progress: bool,
-) -> dict[str, dict[int, float]]:
-    """Per layer and width b: the recipe's rounding loss over RTN's at b (the recipe's group and symmetry).
-
-    Linears that read one input are rounded together on the float model's Hessian of that input; the
-    rounding runs without its clipping search (the search is per group and costs more than the loop).
-    """
-    assert recipe.baq is not None
-    method = ROUNDERS[recipe.method]
-    options = dataclasses.replace(recipe.rounding, mse_clip=False, refit_scales=False)
-    widths = sorted(set(recipe.baq.widths) | {base.bits})
-    by_name = {l.name: l for l in layers}
-    shared: dict[int, list[str]] = {}
-    for l in layers:
-        shared.setdefault(id(stats.inputs[l.name]), []).append(l.name)
-    ratios: dict[str, dict[int, float]] = {n: {} for n in by_name}
-    for names in tqdm(list(shared.values()), desc="rounding-aware sensitivity", unit="input", disable=not progress):
-        H = stats.inputs[names[0]].hessian()
-        Ws = [get_module(model, n).weight.data for n in names]
-        for b in widths:
-            scheme = dataclasses.replace(base, bits=b).for_layer(Ws[0].shape[1])
-            for n, W, r in zip(names, Ws, round_together(method, Ws, H, scheme, scale_dtype, options)):
-                rtn = by_name[n].loss.get(scheme)
-                if rtn:
-                    ratios[n][b] = baq.weighted_loss(W, r.qweight.dequantize(torch.float32), H, stats.fisher[n]) / rtn
-    return ratios
-
-
 def bit_allocation(
     model: nn.Module, table: ArchTable, windows: torch.Tensor, recipe: Recipe, base: WeightScheme,
     scale_dtype: torch.dtype, batch_size: int, device: str, progress: bool,
@@ -285,9 +255,6 @@ def bit_allocation(
         stats = collect_sensitivity_stats(model, table, windows[:n], wanted, progress)
         for name in tqdm(names, desc="bit widths", unit="layer", disable=not progress):
             add(name, get_module(model, name).weight.data, stats.inputs[name], stats.fisher[name])
-        if opts.rounding_aware and ROUNDERS[recipe.method].needs_hessian:
-            ratios = rounding_ratios(model, recipe, base, scale_dtype, stats, layers, progress)
-            layers = [baq.rescale(l, ratios[l.name], lambda k: k.bits) for l in layers]
         del stats
     else:
         inputs = capture_block_inputs(model, table, windows[:n], batch_size, device)

@@ -85,9 +85,6 @@ class BAQOptions:
             an estimate of the change of the model's loss, comparable across layers (one forward +
             backward pass of the float model); "hessian": the plain per-layer proxy ``tr(dW H dW^T)``
             (forward only; layers of different kinds are not on one scale).
-        rounding_aware: with "fisher", also run the recipe's rounding method (without its clipping
-            search) at every width on each layer's float-model Hessian and scale that width's RTN losses
-            by the ratio it achieves over RTN there: GPTQ gains more on some layers than on others.
     """
 
     avg_bits: float = 3.5
@@ -97,7 +94,6 @@ class BAQOptions:
     group_sizes: tuple[int, ...] = ()
     asymmetric: bool = False
     sensitivity: str = "fisher"
-    rounding_aware: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(sorted(self.widths)))
@@ -112,8 +108,6 @@ class BAQOptions:
             raise LowbitError("BAQ theta must be > 0 and samples >= 1")
         if self.sensitivity not in SENSITIVITIES:
             raise LowbitError(f"BAQ sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}")
-        if self.rounding_aware and self.sensitivity != "fisher":
-            raise LowbitError("BAQ rounding_aware needs sensitivity: fisher")
 
 
 @dataclass(frozen=True)
