@@ -131,6 +131,14 @@ def to_buffers(qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tenso
     return b
 
 
+def unpack_zero(zero: torch.Tensor | None, fmt: str, bits: int, rows: int) -> torch.Tensor | None:
+    """Signed int8 zero points ``[rows, G]`` from a stored ``weight_zero_point`` (packed along rows except in
+    the int-quantized format), or None for a symmetric weight."""
+    if zero is None or fmt == INT:
+        return zero
+    return unpack_codes(zero, bits, rows, dim=0)
+
+
 def from_buffers(b: dict[str, torch.Tensor], scheme: WeightScheme, out_f: int, in_f: int, dtype: torch.dtype) -> QuantizedWeight:
     """Inverse of :func:`to_buffers`."""
     fmt = storage_format(scheme)
@@ -145,7 +153,5 @@ def from_buffers(b: dict[str, torch.Tensor], scheme: WeightScheme, out_f: int, i
     else:
         codes = unpack_fp6(b["weight_packed_hi2"], b["weight_packed_lo4"])
     scale = decode_e8m0(b["weight_scale"]) if fmt == MXFP4 else b["weight_scale"].float()
-    zero = b.get("weight_zero_point")
-    if zero is not None and fmt != INT:
-        zero = unpack_codes(zero, scheme.bits, scale.shape[0], dim=0)
+    zero = unpack_zero(b.get("weight_zero_point"), fmt, scheme.bits, scale.shape[0])
     return QuantizedWeight(codes, scale, zero, scheme, dtype, b.get("weight_global_scale"), b.get("weight_channel_scale"))

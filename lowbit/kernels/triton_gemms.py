@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lowbit.formats.packing import unpack_codes
-from lowbit.formats.storage import DUAL, FLOAT8, FP6, FP8SCALE, INT, MXFP4, NVFP4, PACKED
+from lowbit.formats.storage import DUAL, FLOAT8, FP6, FP8SCALE, INT, MXFP4, NVFP4, PACKED, unpack_zero
 
 if TYPE_CHECKING:
     from lowbit.kernels.quant_linear import QuantLinear
@@ -36,10 +35,7 @@ def _group(layer: "QuantLinear") -> int:
 
 
 def _zero(layer: "QuantLinear") -> torch.Tensor | None:
-    zp = getattr(layer, "weight_zero_point", None)
-    if zp is None:
-        return None
-    return unpack_codes(zp, layer.scheme.bits, layer.weight_scale.shape[0], dim=0) if layer.format != INT else zp
+    return unpack_zero(getattr(layer, "weight_zero_point", None), layer.format, layer.scheme.bits, layer.weight_scale.shape[0])
 
 
 def prepare(layer: "QuantLinear") -> tuple[Any, ...]:
