@@ -4,7 +4,7 @@
                                  [--shapes all|0,2] [--kernels all|w4a16,nvfp4] [--reps 30] [--no-graphs]
 
 For each M and each (N, K) of Llama-2-7B and Llama-3-8B linears, each kernel's time per call is the median
-over ``--reps`` CUDA-event timings of 10 back-to-back calls (CUDA graph replays) after ``--warmup`` calls;
+over ``--reps`` CUDA-event timings of 10 back-to-back calls (one CUDA graph replay) after ``--warmup`` calls;
 the inputs rotate over enough independent copies (activations and weights) that together they exceed twice
 the L2 cache, so no call finds its operands cached by the previous one. A8 kernels are timed twice: the GEMM alone on
 pre-quantized activations, and the whole layer (the fused per-token quantization kernel + the GEMM).
@@ -53,40 +53,72 @@ def time_ms(
 ) -> float:
     """Median milliseconds per call of ``fn(*args)``: ``reps`` timings of INNER back-to-back calls each.
 
-    The argument sets rotate (together over twice the L2 cache). With ``graphs`` each call is a CUDA graph
-    replay of one ``fn`` (captured after the warm-up, which compiles the kernels), so the time is the GPU's,
-    not Python's launch overhead: a decoding runtime (vLLM, TensorRT-LLM) replays graphs the same way.
+    The argument sets rotate (together over twice the L2 cache). With ``graphs`` the INNER calls are captured
+    (after the warm-up, which compiles the kernels) into one CUDA graph, and each timing is one replay of it:
+    the calls run back to back on the GPU with no host launch between them, as a decoding runtime (vLLM,
+    TensorRT-LLM) replays a whole forward pass as one graph. (Replaying one graph per call instead adds the
+    host's graph launch, about 5-8 us on the H200's host, to every call shorter than that: it hid the kernels'
+    differences at M <= 16 on the smaller shapes.) Without ``graphs`` each call is launched from Python.
     """
     sets = max(1, min(16, math.ceil(2 * _l2_bytes() / max(bytes_per_set, 1))))
     args = [make_args(i) for i in range(sets)]
     for i in range(warmup):
         fn(*args[i % sets])
     torch.cuda.synchronize()
-    calls: list[Callable[[], object]] = [lambda a=a: fn(*a) for a in args]
+    order = [args[j % sets] for j in range(INNER)]
     if graphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for a in args:
+            for a in order:
                 fn(*a)
         torch.cuda.current_stream().wait_stream(side)
-        replays = []
-        for a in args:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for a in order:
                 fn(*a)
-            replays.append(g)
-        calls = [g.replay for g in replays]
+        run: Callable[[], object] = graph.replay
+    else:
+        def run() -> None:
+            for a in order:
+                fn(*a)
+    run()
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
         starts[i].record()
-        for j in range(INNER):
-            calls[(i * INNER + j) % sets]()
+        run()
         ends[i].record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / INNER
+
+
+def precompile(worker: Callable[[tuple], str | None], tasks: list[tuple], jobs: int) -> dict[tuple, str | None]:
+    """Run ``worker(task)`` once per task in ``jobs`` spawned processes, to compile the Triton kernels in parallel.
+
+    Each worker launches its kernel once, which writes the compiled binary to Triton's on-disk cache; the
+    timing process then loads it from there instead of compiling one kernel after another (a few seconds each,
+    hundreds of (kernel, shape, M) variants). Returns ``{task: error or None}``; with ``jobs <= 1`` nothing runs.
+    """
+    if jobs <= 1 or not tasks:
+        return {}
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        return dict(zip(tasks, pool.map(worker, tasks, chunksize=1)))
+
+
+def _compile_one(task: tuple) -> str | None:
+    """Worker of :func:`precompile` for ``(M, N, K, kernel name)``: one call on argument set 0."""
+    M, N, K, name = task
+    try:
+        make, fn, _ = kernels(M, N, K, "cuda")[name]
+        fn(*make(0))
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # reported again (and timed as a failure) by the timing process
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
 def kernels(M: int, N: int, K: int, dev: str) -> dict[str, tuple[Callable[[int], tuple], Callable, int]]:
@@ -205,6 +237,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed launches before timing")
     ap.add_argument("--reps", type=int, default=30, help="timed groups of 10 calls (median reported)")
     ap.add_argument("--no-graphs", action="store_true", help="launch from Python instead of replaying CUDA graphs")
+    ap.add_argument("--jobs", type=int, default=1, help="processes compiling the kernels in parallel first (1: none)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU (the kernels are tested on the CPU under TRITON_INTERPRET=1)")
@@ -213,6 +246,9 @@ def main() -> None:
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     rows: list[dict] = []
     result: dict = {"rows": rows}
+    names_of = lambda M, N, K: [n for n in kernels(M, N, K, "meta") if args.kernels == "all" or n in args.kernels.split(",")]
+    tasks = [(M, N, K, n) for _, _, N, K in shapes for M in ms for n in names_of(M, N, K) if not n.startswith("torch")]
+    precompile(_compile_one, tasks, args.jobs)
     for model, layer, N, K in shapes:
         for M in ms:
             ks = kernels(M, N, K, "cuda")

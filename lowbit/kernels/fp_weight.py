@@ -202,7 +202,7 @@ def fp_gemm_config(M: int, N: int, K: int, device: torch.device) -> GemmConfig:
     """Tiles for an H100/H200-class GPU (every tl.dot dim >= 16; BLOCK_K a multiple of the 32-element MX block).
 
     ``M <= 16`` (decode) is memory bound: as W4A16 (w4a16.gemm_config), small ``16 x 64 x 128`` tiles on 4 warps
-    and 4 stages, so several programs share an SM, and K is split until about ``DECODE_PROGRAMS_PER_SM`` programs
+    and DECODE_STAGES (3) stages, so several programs share an SM, and K is split until about ``DECODE_PROGRAMS_PER_SM`` programs
     per SM run, enough loads in flight to cover HBM latency. Larger ``M``: 32/64 x 128 x 64 tiles (4 warps) up to
     64 rows, then 128 x 128 x 64 with 8 warps, no split. The pipeline stages hold the activation tile and the
     packed weight bytes (the scales are prefetched into registers).

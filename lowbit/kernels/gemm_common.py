@@ -106,8 +106,8 @@ SMEM_BUDGET = 200 * 1024
 
 # Decode (M <= 16) on the GPU: a bandwidth-bound GEMV needs many small programs in flight per SM to hide HBM
 # latency (see gemm_config). Shared with fp_weight.py and w8a8.int4_gemm_config.
-DECODE_BLOCK_N, DECODE_BLOCK_K, DECODE_STAGES = 64, 128, 4
-DECODE_PROGRAMS_PER_SM = 6
+DECODE_BLOCK_N, DECODE_BLOCK_K, DECODE_STAGES = 64, 128, 3  # w4a16_sweep.py: 3 stages beat 4 at M = 16
+DECODE_PROGRAMS_PER_SM = 12  # benchmarks/w4a16_sweep.py: 6 lost to 12 on 5 of 6 Llama shapes at M = 16
 
 # How a K tile of BLOCK_K columns meets the quantization groups (GROUP_MODE, a kernel constexpr).
 TILE_IN_GROUP = 0  # group_size % BLOCK_K == 0: one scale per row and K tile (channel-wise, large groups)
@@ -154,15 +154,16 @@ def gemm_config(
     """Heuristic tiles for an H100/H200-class GPU (tl.dot needs every tile dim >= 16).
 
     ``M <= 16`` (decode) is memory bound: a GEMV must keep enough weight loads in flight to cover HBM latency,
-    which one 4-warp program per SM cannot. So decode runs small programs (``16 x 64 x 128`` tiles on 4 warps, 4
+    which one 4-warp program per SM cannot. So decode runs small programs (``16 x 64 x 128`` tiles on 4 warps, 3
     stages) and splits K until about :data:`DECODE_PROGRAMS_PER_SM` programs per SM run (at most 16 ways, never
-    an empty split); e.g. on 132 SMs ``N x K = 11008 x 4096`` runs 172 N tiles x 4 splits. Measured on an H200
-    (CUDA graphs, M = 1, 11008 x 4096): 26 us, vs 41 us for the former one-program-per-SM 64 x 256 config.
+    an empty split); e.g. on 132 SMs ``N x K = 11008 x 4096`` runs 172 N tiles x 8 splits. Measured on an H200
+    (CUDA graphs, M = 1, 11008 x 4096): 26 us, vs 41 us for the former one-program-per-SM 64 x 256 config; at
+    M = 16, 12 programs per SM beat 6 on 5 of the 6 Llama shapes (25.2 vs 26.1 us at 11008 x 4096).
     ``M <= 64`` uses ``BLOCK_M x 128 x 64`` tiles, larger M ``128 x 128 x 64`` on 8 warps, no split. Float32
     activations (``act_bytes == 4``: an IEEE dot on the FMA units, where larger tiles spill registers) use
     ``BLOCK_M x 64 x 32`` with ``BLOCK_M`` 16, 32 or 64 on 4, 4 or 8 warps, split as decode for ``M <= 16``.
     BLOCK_K then follows :func:`group_block_k` (``group_size``; None for callers without INT4 groups), and the
-    pipeline depth (3, or 4 for decode) is cut to what fits :data:`SMEM_BUDGET`.
+    pipeline depth (3) is cut to what fits :data:`SMEM_BUDGET`.
 
     Under the interpreter every tile op costs Python overhead, so it runs 128-wide N and K tiles on a
     pretend 4-SM device: few programs, and split-K still splits, with several tiles per split and fully
@@ -258,27 +259,40 @@ if triton is not None:
             tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
 
     @triton.jit
-    def int4_nibbles(w_rows, kt, KW, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        """The unsigned nibbles ``q + 8`` of K tile ``kt`` as int32 ``[BLOCK_N, BLOCK_K // 8, 2, 2, 2]``.
+    def int4_words(w_rows, kt, KW, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """The packed int32 words ``[BLOCK_N, BLOCK_K // 8]`` of K tile ``kt`` (8 INT4 codes each).
 
         ``w_rows``: ``[BLOCK_N, 1]`` pointers to the rows of the packed int32 ``[N, KW]`` weight. Each row loads
-        ``BLOCK_K / 8`` consecutive words (vectorized, coalesced). Element ``[n, j, a, b, c]`` is nibble
-        ``i = 4a + 2b + c`` (bits ``4i .. 4i+3``) of word ``j``, i.e. column ``kt * BLOCK_K + 8 j + i`` (the
-        pack-quantized layout), so reshaping to ``[BLOCK_N, BLOCK_K]`` gives the columns in order. The eight
-        nibbles are shifted out with constant shifts and stacked with ``tl.join``, whose new dimensions stay in
-        the registers of the thread that holds the word (a 3-D broadcast shift instead spreads the nibbles of a
-        word over 8 threads and doubles the register use). Words past ``KW`` read as 0 unless ``EVEN_K``.
+        ``BLOCK_K / 8`` consecutive words (vectorized, coalesced). Words past ``KW`` read as 0 unless ``EVEN_K``.
         """
         offs_kw = kt * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
         if EVEN_K:
             words = tl.load(w_rows + offs_kw[None, :])
         else:
             words = tl.load(w_rows + offs_kw[None, :], mask=(offs_kw < KW)[None, :], other=0)
+        return words
+
+    @triton.jit
+    def word_nibbles(words):
+        """The unsigned nibbles ``q + 8`` of int32 ``words [BLOCK_N, W]`` as int32 ``[BLOCK_N, W, 2, 2, 2]``.
+
+        Element ``[n, j, a, b, c]`` is nibble ``i = 4a + 2b + c`` (bits ``4i .. 4i+3``) of word ``j``, i.e. column
+        ``8 j + i`` of the tile (the pack-quantized layout), so reshaping to ``[BLOCK_N, 8 W]`` gives the columns
+        in order. The eight nibbles are shifted out with constant shifts and stacked with ``tl.join``, whose new
+        dimensions stay in the registers of the thread that holds the word (a 3-D broadcast shift instead spreads
+        the nibbles of a word over 8 threads and doubles the register use).
+        """
         # tl.join appends the new axis last, so the first join pairs nibbles 4 apart (axis a), the second 2 apart
         # (b), the third neighbours (c). The & drops the sign bits an arithmetic shift brings in.
         n0, n1, n2, n3 = words & 0xF, (words >> 4) & 0xF, (words >> 8) & 0xF, (words >> 12) & 0xF
         n4, n5, n6, n7 = (words >> 16) & 0xF, (words >> 20) & 0xF, (words >> 24) & 0xF, (words >> 28) & 0xF
         return tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
+
+    @triton.jit
+    def int4_nibbles(w_rows, kt, KW, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """The nibbles ``q + 8`` of K tile ``kt`` as int32 ``[BLOCK_N, BLOCK_K // 8, 2, 2, 2]``
+        (:func:`int4_words` then :func:`word_nibbles`)."""
+        return word_nibbles(int4_words(w_rows, kt, KW, BLOCK_K, EVEN_K))
 
     @triton.jit
     def group_words(

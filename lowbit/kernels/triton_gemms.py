@@ -23,12 +23,14 @@ MX_BLOCK, NV_BLOCK = 32, 16
 # points "auto" runs the kernel only if it won at both; elsewhere it takes the dequantized-weight path (the
 # fp16 matmul on a cached decoded weight), so no layer runs slower than fp16. An explicit "triton" backend
 # always runs the kernel. None: not measured, the kernel always runs.
-# Measured 2026-11-28 (BENCHMARKS.md, CUDA-graph timings): no kernel beat fp16 at any M on every shape yet, so
-# "auto" on CUDA takes the cached fp16 weight everywhere (fp16 memory!); backend="triton" keeps the packed weights.
+# Measured 2026-11-28 (BENCHMARKS.md, fourth kernel section: one CUDA graph of 10 calls per timing): only W4A16
+# at M = 1 beat fp16 on every shape (1.11x-1.70x); elsewhere "auto" on CUDA takes the cached fp16 weight (fp16
+# memory!), and backend="triton" keeps the packed weights.
 MEASURED_M = (1, 16, 64, 256, 1024, 4096)
 FASTER_THAN_FP16: dict[str, frozenset[int] | None] = {
-    kind: frozenset() for kind in ("w4a16", "fp4", "fp6", "w8a8_int8", "w8a8_fp8", "a8w4", "int4_fp8")
+    kind: frozenset() for kind in ("fp4", "fp6", "w8a8_int8", "w8a8_fp8", "a8w4", "int4_fp8")
 }
+FASTER_THAN_FP16["w4a16"] = frozenset({1})
 
 def _group(layer: "QuantLinear") -> int:
     return layer.scheme.columns_per_scale(layer.in_features) if layer.scheme.strategy == "group" else layer.in_features

@@ -46,7 +46,7 @@ from lowbit.kernels.gemm_common import (
 if triton is not None:
     import triton.language as tl
 
-    from lowbit.kernels.gemm_common import dot_acc, group_words, int4_nibbles, store_tile
+    from lowbit.kernels.gemm_common import dot_acc, group_words, int4_nibbles, int4_words, store_tile, word_nibbles
 
 
 # ---- torch reference ------------------------------------------------------------------------------------
@@ -111,25 +111,29 @@ GEMV_KERNEL_MAX_M = 16
 GEMV_MAX_M = 1
 GEMV_WARPS = 4
 GEMV_WORDS_PER_THREAD = 8  # packed int32 words per thread and K tile: two 16-byte loads
-GEMV_BLOCK_N = 16
+GEMV_BLOCK_N = 8
 GEMV_PROGRAMS_PER_SM = 8  # target programs per SM (4-warp programs: up to 16 fit at <= 128 registers)
-GEMV_NO_SPLIT_PROGRAMS_PER_SM = 4  # with at least this many N tiles per SM, K is not split
+GEMV_NO_SPLIT_TILES_PER_SM = 0.25  # with at least this many N tiles per SM, K is not split
+GEMV_PREFETCH = True  # load the next K tile's packed words before unpacking the current one
 
 
 def gemv_config(M: int, N: int, K: int, device: torch.device, group_size: int | None = None) -> GemmConfig:
     """Tiles of the GEMV path (:func:`_w4a16_gemv_kernel`) for ``M <= GEMV_MAX_M``.
 
     ``block_m`` is M rounded up to a power of two (every program does all rows). On the GPU a program owns
-    ``GEMV_BLOCK_N = 16`` rows of W on 4 warps; BLOCK_K is 512 for ``block_m == 1`` (8 words = two 16-byte loads
-    per thread per K tile), 256 for ``block_m`` 2..4 (one 16-byte load) and 128 for 8..16 (2 words per thread),
-    so the ``[block_m, 16, BLOCK_K/8]`` float32 accumulator costs at most 32 registers per thread. Offline
-    sm_90 compiles (fp16, group 128): 128 registers at M = 1, 138 at M = 4, 77 at M = 8, 126-128 at M = 16,
-    no spills (BLOCK_K 256 at M = 16 spilled). BLOCK_K follows the groups as in
-    :func:`group_block_k` (at least half the preferred width, else per-word scale loads). K is split (float32
-    atomics) so ``N/16 * split`` reaches about :data:`GEMV_PROGRAMS_PER_SM` programs per SM, unless the N tiles
-    alone give :data:`GEMV_NO_SPLIT_PROGRAMS_PER_SM` per SM (then the output is stored directly in its dtype, no
-    zero fill nor cast). E.g. 132 SMs, M = 1: ``11008 x 4096`` runs 688 N tiles of 8 K tiles each, no split;
-    ``4096 x 4096`` 256 N tiles x 4 splits of 2 K tiles. Under the interpreter: 64 x 128 tiles, a pretend 16-program device.
+    ``GEMV_BLOCK_N = 8`` rows of W on 4 warps; each thread loads :data:`GEMV_WORDS_PER_THREAD` = 8 packed words
+    per K tile for ``block_m == 1`` (two 16-byte loads: BLOCK_K = 1024), 4 for ``block_m`` 2..4 (BLOCK_K 512)
+    and 2 for 8..16 (256), so the ``[block_m, 8, BLOCK_K/8]`` float32 accumulator costs at most 32 registers
+    per thread, and the next tile's words are prefetched into registers (:data:`GEMV_PREFETCH`). BLOCK_K
+    follows the groups as in :func:`group_block_k` (at least half the preferred width, else per-word scale
+    loads). K is split (float32 atomics into a zeroed buffer, then a cast) only when the N tiles give fewer than
+    :data:`GEMV_NO_SPLIT_TILES_PER_SM` per SM (N < 264 rows on 132 SMs), so that ``N/8 * split`` reaches about
+    :data:`GEMV_PROGRAMS_PER_SM` programs per SM; otherwise the output is stored directly in its dtype. Chosen
+    by benchmarks/w4a16_sweep.py on the H200 (BENCHMARKS.md), M = 1: these tiles without a split ran 9.4 us at
+    4096 x 4096 (fp16: 12.9 us), 21.5 us at 4096 x 11008 (27.7) and 4.6 us at 1024 x 4096 (7.7), where the
+    former 16 x 512 tiles without prefetch, split to 8 programs per SM, ran 14.5, 31.8 and 6.8 us: the split's
+    zero fill and cast cost more than the extra programs win. Under the interpreter: 64 x 128 tiles, a pretend
+    16-program device.
     """
     block_m = 1 << max(0, (M - 1).bit_length())
     if device.type != "cuda":
@@ -139,7 +143,7 @@ def gemv_config(M: int, N: int, K: int, device: torch.device, group_size: int | 
         words = GEMV_WORDS_PER_THREAD // (1 if block_m == 1 else 2 if block_m <= 4 else 4)
         block_n = GEMV_BLOCK_N
         block_k = 8 * words * 32 * GEMV_WARPS // block_n
-        programs, no_split = GEMV_PROGRAMS_PER_SM * sms, GEMV_NO_SPLIT_PROGRAMS_PER_SM * sms
+        programs, no_split = GEMV_PROGRAMS_PER_SM * sms, max(1, int(GEMV_NO_SPLIT_TILES_PER_SM * sms))
     block_k = group_block_k(group_size, block_k, max(8, block_k // 2))
     split = 1 if triton.cdiv(N, block_n) >= no_split else _split(N, K, block_n, block_k, programs)
     return GemmConfig(block_m, block_n, block_k, split, GEMV_WARPS if device.type == "cuda" else 4, 1)
@@ -171,7 +175,7 @@ def w4a16_triton(
         return launch_gemm(
             _w4a16_gemv_kernel, x, N, out_dtype, (packed, scale, z, K // group_size, K // 8), cfg=cfg,
             GROUP_SIZE=group_size, GROUP_MODE=group_mode(group_size, cfg.block_k), HAS_ZERO=zero is not None,
-            EVEN_K=even_k(K, cfg), ROUND_W=round_w,
+            EVEN_K=even_k(K, cfg), ROUND_W=round_w, PREFETCH=GEMV_PREFETCH,
         )
     cfg = gemm_config(M, N, K, x.device, group_size, x.element_size())
     return launch_gemm(
@@ -255,7 +259,7 @@ if triton is not None:
         x_ptr, y_ptr, M, N, K,
         w_ptr, s_ptr, z_ptr, n_groups, KW,
         GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
-        ROUND_W: tl.constexpr,
+        ROUND_W: tl.constexpr, PREFETCH: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         K_ITERS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_IEEE: tl.constexpr,
     ):
@@ -281,9 +285,17 @@ if triton is not None:
         s_rows = s_ptr + rows_n[:, None] * n_groups
         z_rows = z_ptr + rows_n[:, None] * n_groups
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        if PREFETCH:  # the packed words are loaded one K tile ahead, so two tiles' loads are in flight
+            words_next = int4_words(w_rows, pid_k * K_ITERS, KW, BLOCK_K, EVEN_K)
         for i in range(K_ITERS):
             kt = pid_k * K_ITERS + i
-            nib = int4_nibbles(w_rows, kt, KW, BLOCK_K, EVEN_K)  # [BLOCK_N, BLOCK_K // 8, 2, 2, 2], q + 8
+            if PREFETCH:
+                words = words_next
+                # Masked: the tile after the last split's last one lies past K.
+                words_next = int4_words(w_rows, kt + 1, KW, BLOCK_K, False)
+            else:
+                words = int4_words(w_rows, kt, KW, BLOCK_K, EVEN_K)
+            nib = word_nibbles(words)  # [BLOCK_N, BLOCK_K // 8, 2, 2, 2], q + 8
             s = group_words(s_rows, kt, n_groups, GROUP_SIZE, GROUP_MODE, BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32)
             # q - z exactly: OR the nibble into the mantissa of 2^23 and subtract 2^23 + 8 + z.
             v = (nib | 0x4B000000).to(tl.float32, bitcast=True)

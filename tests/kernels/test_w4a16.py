@@ -126,6 +126,16 @@ def test_gemv_parity(M: int, dtype: torch.dtype, asym: bool, device: str) -> Non
         run_parity(M, N, K, group, dtype, dtype, dtype, asym, device, seed=M + 10 * i)
 
 
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_gemv_prefetch_parity(M: int, asym: bool, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GEMV with its packed words loaded one K tile ahead: the same sums (the prefetch of the tile after the
+    # last split's last one is masked), over split K, partial tiles and every group mode.
+    monkeypatch.setattr(w4a16, "GEMV_PREFETCH", True)
+    for i, (N, K, group) in enumerate(GEMV_SHAPES):
+        run_parity(M, N, K, group, F16, F16, F16, asym, device, seed=100 + M + 10 * i)
+
+
 @pytest.mark.parametrize("M", [1, 4, GEMV_MAX_M])
 @pytest.mark.parametrize("x_dtype,scale_dtype,out_dtype", [
     (BF16, F16, F32), (F16, F16, F32), (F32, F16, F32), (F16, F32, BF16), (BF16, BF16, F16),
@@ -164,11 +174,13 @@ def test_gemv_config_gpu_shapes(monkeypatch) -> None:
     monkeypatch.setattr(w4a16, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     cfg = w4a16.gemv_config(1, 11008, 4096, cuda, 128)
-    assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k) == (1, 16, 512, 1)  # 688 N tiles: no split
+    assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k) == (1, 8, 1024, 1)  # 1376 N tiles: no split
     cfg = w4a16.gemv_config(1, 4096, 4096, cuda, 128)
-    assert (cfg.block_n, cfg.block_k, cfg.split_k) == (16, 512, 4)
+    assert (cfg.block_n, cfg.block_k, cfg.split_k) == (8, 1024, 1)  # 512 N tiles: no split
+    cfg = w4a16.gemv_config(1, 192, 4096, cuda, 128)
+    assert (cfg.block_n, cfg.block_k, cfg.split_k) == (8, 1024, 4)  # 24 N tiles < 33: split to ~8 per SM
     cfg = w4a16.gemv_config(16, 4096, 14336, cuda, 128)
-    assert (cfg.block_m, cfg.block_k) == (16, 128)
+    assert (cfg.block_m, cfg.block_k) == (16, 256)
     cfg = w4a16.gemv_config(3, 4096, 11008, cuda, 11008)  # channel-wise, 11008 = 256 * 43
     assert (cfg.block_m, cfg.block_k) == (4, 256) and gemm_common.group_mode(11008, cfg.block_k) == gemm_common.TILE_IN_GROUP
 
