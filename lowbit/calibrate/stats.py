@@ -5,11 +5,29 @@ from __future__ import annotations
 import torch
 
 
+# X^T X is symmetric: only its lower block triangle is accumulated, as row blocks of about TRI_BLOCK columns
+# (each row block i one GEMM X_i^T X[:, :end_i]), and mirrored on read. On 2 CPU cores that takes 62-72 % of
+# the full product's time (576 inputs: 16.4 vs 22.9 ms per 4096 tokens; 1536: 84.5 vs 136 ms); blocks much
+# narrower than ~96 columns run the GEMMs below their peak.
+TRI_BLOCK = 96
+TRI_MAX_BLOCKS = 6
+
+
+def triangle_blocks(d: int) -> list[int]:
+    """Row-block boundaries ``[0, e_1, ..., d]`` for a ``d x d`` lower triangle (multiples of 16 inside)."""
+    n = max(1, min(TRI_MAX_BLOCKS, d // TRI_BLOCK))
+    step = -(-d // n)
+    step = -(-step // 16) * 16
+    return sorted({0, d, *range(step, d, step)})
+
+
 class InputStats:
     """Accumulates the Hessian proxy ``X^T X`` and the per-channel absmax of a linear's input.
 
-    ``H`` is kept as a float32 sum on the input's device and normalised on read:
-    ``hessian() = X^T X / n_tokens`` (``[in, in]`` float32), the mean outer product over all tokens.
+    ``H`` is kept as a float32 sum on the input's device, lower block triangle only (:func:`triangle_blocks`;
+    the strictly upper part of the buffer outside the diagonal blocks stays zero), and is mirrored and
+    normalised on read: ``hessian() = X^T X / n_tokens`` (``[in, in]`` float32, exactly symmetric), the mean
+    outer product over all tokens.
     """
 
     def __init__(self, in_features: int, device: torch.device | str, hessian: bool = True) -> None:
@@ -17,21 +35,25 @@ class InputStats:
         self.n_tokens = 0
         self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
         self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self._blocks = triangle_blocks(in_features)
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``x [..., in]`` (any float dtype)."""
         X = x.reshape(-1, self.in_features).float()  # [tokens, in]
         self.n_tokens += X.shape[0]
-        self.absmax = torch.maximum(self.absmax, X.abs().amax(dim=0))
+        # max(amax, -amin): two reductions without X.abs()'s [tokens, in] temporary (half the time)
+        self.absmax = torch.maximum(self.absmax, torch.maximum(X.amax(dim=0), X.amin(dim=0).neg_()))
         if self._H is not None:
-            self._H.addmm_(X.t(), X)
+            for start, end in zip(self._blocks[:-1], self._blocks[1:]):
+                self._H[start:end, :end].addmm_(X[:, start:end].t(), X[:, :end])
 
     def hessian(self) -> torch.Tensor:
         """``X^T X / n`` over every token seen, float32 ``[in, in]``."""
         if self._H is None:
             raise RuntimeError("this accumulator was created without a Hessian")
-        return self._H / max(self.n_tokens, 1)
+        L = self._H.tril()
+        return (L + L.tril(-1).t()) / max(self.n_tokens, 1)
 
 
 def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

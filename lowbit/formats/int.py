@@ -120,6 +120,18 @@ def fake_quantize(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtyp
     return dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, w.dtype, scale_dtype)
 
 
+def abs_power_(e: torch.Tensor, norm: float) -> torch.Tensor:
+    """``|e|^norm`` in place (float32), the error measure of :func:`mse_clip`.
+
+    Computed as ``exp(norm * log|e|)``: on the CPU torch's ``pow`` with a non-integer exponent is a scalar
+    loop (6.6 ms per million elements on this project's machine, 60 % of the whole search) while log and exp
+    are vectorised (1.4 ms). The two agree to ~1e-6 relative; 0 stays 0, inf and NaN stay. ``norm = 2`` is
+    squared exactly.
+    """
+    e.abs_()
+    return e.square_() if norm == 2 else e.log_().mul_(norm).exp_()
+
+
 def _clip_errors(
     wg: torch.Tensor, stat: tuple[torch.Tensor, torch.Tensor], P: torch.Tensor, scheme: WeightScheme,
     scale_dtype: torch.dtype, norm: float,
@@ -128,25 +140,29 @@ def _clip_errors(
 
     ``wg [o, G, g]`` is the weight in group view and ``stat`` its per-group (min, max) (symmetric: (absmax,
     absmax)); the arithmetic is that of :func:`compute_qparams`, :func:`quantize_codes` and
-    :func:`dequantize_codes`, element for element.
+    :func:`dequantize_codes`, element for element (the dequantized weight rounded to ``scale_dtype`` in place
+    through a half-size copy); the power is :func:`abs_power_`. Every op after the division works in place on
+    one ``[C, o, G, g]`` buffer.
     """
     if scheme.symmetric:
         scale = _store(stat[1] * P / scheme.qmax, scale_dtype)[..., None]  # [C, o, G, 1]
-        q = torch.div(wg, scale).round_().clamp_(scheme.qmin, scheme.qmax)
-        w_hat = q.mul_(scale).to(scale_dtype).float()
+        w_hat = torch.div(wg, scale).round_().clamp_(scheme.qmin, scheme.qmax).mul_(scale)
     else:
         xmin, xmax = stat[0] * P, stat[1] * P
         scale = _store((xmax - xmin) / ((1 << scheme.bits) - 1), scale_dtype)
         zero = torch.round(scheme.qmin - xmin / scale).clamp(scheme.qmin, scheme.qmax)[..., None]
         scale = scale[..., None]
-        q = torch.div(wg, scale).round_().add_(zero).clamp_(scheme.qmin, scheme.qmax)
-        w_hat = q.sub_(zero).mul_(scale).to(scale_dtype).float()
-    return w_hat.sub_(wg).abs_().pow_(norm).sum(dim=-1)
+        w_hat = torch.div(wg, scale).round_().add_(zero).clamp_(scheme.qmin, scheme.qmax).sub_(zero).mul_(scale)
+    if scale_dtype != torch.float32:
+        w_hat.copy_(w_hat.to(scale_dtype))
+    return abs_power_(w_hat.sub_(wg), norm).sum(dim=-1)
 
 
-# Elements per chunk of candidates evaluated by one call (4 MiB of float32): large enough that the
-# per-op overhead and the GIL do not dominate, small enough for a few temporaries per worker.
-CLIP_CHUNK = 1 << 20
+# Elements per chunk of candidates evaluated by one call: each temporary ([C, o, G, g] float32) stays just
+# under 1 MiB, glibc's mmap threshold as the pipeline sets it (pipeline.limit_heap_fragmentation), so it is
+# served from the heap; at 4 MiB every temporary was a fresh mmap whose page faults cost as much as the
+# arithmetic (15.2 vs 4.1 ms per million elements).
+CLIP_CHUNK = 255 << 10
 
 
 def mse_clip(

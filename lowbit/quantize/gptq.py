@@ -13,7 +13,7 @@ scales belong to natural groups, so the checkpoint needs no runtime permutation 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -89,15 +89,20 @@ def _group_params(
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the column loop on one thread: its ops are too small to share, and with the cores busy
-    (another job, or the OpenMP pool of a second process) two threads made it 50x slower."""
+def _num_threads(n: int) -> Iterator[None]:
+    """Run the body with torch's intra-op pool at ``n`` threads, then restore the previous count."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _one_thread() -> AbstractContextManager[None]:
+    """Run the column loop on one thread: its ops are too small to share, and with the cores busy
+    (another job, or the OpenMP pool of a second process) two threads made it 50x slower."""
+    return _num_threads(1)
 
 
 @register_rounder("gptq", needs_hessian=True)
@@ -118,8 +123,9 @@ def gptq(
     options = options or RoundingOptions()
     if H is None:
         raise ValueError("gptq needs the input Hessian H")
+    threads = torch.get_num_threads()
     with _one_thread():
-        return _gptq(W, H, scheme.for_layer(W.shape[1]), scale_dtype, options)
+        return _gptq(W, H, scheme.for_layer(W.shape[1]), scale_dtype, options, threads)
 
 
 # Rows are split across this many threads when there are at least ROWS_PER_THREAD rows per thread:
@@ -128,8 +134,12 @@ LOOP_THREADS = WORKERS
 ROWS_PER_THREAD = 256
 
 
-def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions") -> RoundResult:
-    """The body of :func:`gptq` (scheme already resolved for the layer).
+def _gptq(
+    W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions",
+    threads: int = 1,
+) -> RoundResult:
+    """The body of :func:`gptq` (scheme already resolved for the layer); the factorisation and the scale
+    refit, large dense products, run on ``threads`` intra-op threads (the caller's count), the rest on one.
 
     Everything that depends on H alone (dead columns, order, damping, the inverse factor U) is done once;
     the column loop then runs on row chunks in parallel. A row's codes, scales and loss depend only on
@@ -144,7 +154,8 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: t
 
     gs = scheme.columns_per_scale(in_f) if scheme.strategy != "tensor" else in_f
     perm = column_order(H.diagonal(), gs, options.order)
-    U, note = inverse_hessian_factor(H[perm][:, perm], options.damp)
+    with _num_threads(threads):  # 1536 x 1536 on 2 cores: 0.12 s instead of 0.26 s
+        U, note = inverse_hessian_factor(H[perm][:, perm], options.damp)
     if U is None:
         return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, f"{note}: fell back to RTN")
 
@@ -174,7 +185,8 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: t
     if not torch.isfinite(torch.tensor(total)):
         return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, "GPTQ loss not finite: fell back to RTN")
     if options.refit_scales and scheme.is_plain_int and scheme.strategy in ("group", "channel"):
-        params = GridParams(refit_group_scales(W, H, values, params.scale, params.zero, scale_dtype), params.zero)
+        with _num_threads(threads):
+            params = GridParams(refit_group_scales(W, H, values, params.scale, params.zero, scale_dtype), params.zero)
     return RoundResult(from_values(values, params, scheme, scale_dtype), total, note, loss)
 
 

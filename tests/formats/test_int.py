@@ -143,7 +143,7 @@ def test_for_model_then_for_layer() -> None:
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 def test_mse_clip_matches_the_shared_primitives(scheme: WeightScheme, scale_dtype: torch.dtype) -> None:
     """The search's own arithmetic equals compute_qparams / quantize_codes / dequantize_codes per candidate."""
-    from lowbit.formats.int import compute_qparams, dequantize_codes, mse_clip, quantize_codes
+    from lowbit.formats.int import abs_power_, compute_qparams, dequantize_codes, mse_clip, quantize_codes
 
     g = torch.Generator().manual_seed(11)
     w = torch.randn(300, 256, generator=g) * torch.rand(300, 1, generator=g)  # 76800 weights: threaded path
@@ -153,7 +153,7 @@ def test_mse_clip_matches_the_shared_primitives(scheme: WeightScheme, scale_dtyp
         p = 1.0 - i / 100
         scale, zero = compute_qparams(w, scheme, scale_dtype, clip=p)
         err = dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, torch.float32, scale_dtype) - w
-        err = err.abs().pow(2.4).reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
+        err = abs_power_(err, 2.4).reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
         if best_err is None:
             best_err, best_p = err, torch.full_like(err, p)
         else:
@@ -161,6 +161,21 @@ def test_mse_clip_matches_the_shared_primitives(scheme: WeightScheme, scale_dtyp
             best_err = torch.where(better, err, best_err)
             best_p = torch.where(better, torch.full_like(best_p, p), best_p)
     assert torch.equal(mse_clip(w, scheme, scale_dtype), best_p)
+
+
+def test_abs_power_is_pow_within_round_off() -> None:
+    from lowbit.formats.int import abs_power_
+
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(10000, generator=g) * torch.logspace(-8, 2, 10000)
+    e[:3] = torch.tensor([0.0, -0.0, 1.0])
+    expected = e.double().abs().pow(2.4)
+    got = abs_power_(e.clone(), 2.4)
+    assert got.dtype == torch.float32 and got[0] == 0 and got[1] == 0 and got[2] == 1
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0.0)
+    assert torch.equal(abs_power_(e.clone(), 2.0), e.abs().square())
+    special = abs_power_(torch.tensor([float("inf"), float("-inf"), float("nan")]), 2.4)
+    assert special[0] == float("inf") and special[1] == float("inf") and bool(special[2].isnan())
 
 
 def test_mse_clip_stride_refines_the_coarse_search() -> None:
