@@ -40,7 +40,8 @@ SHAPES = [
 ]
 M_VALUES = (1, 16, 64, 256, 1024, 4096)
 GROUP = 128
-INNER = 10  # calls between two CUDA events: the GPU queue stays full, so launch gaps do not count
+INNER = 10  # calls between two CUDA events (rounded up to a multiple covering every argument set)
+MAX_SETS = 64  # argument sets rotated (2.1 MB INT4 weights at 1024 x 4096: 58 sets exceed twice a 60 MB L2)
 
 
 def _l2_bytes() -> int:
@@ -51,21 +52,25 @@ def _l2_bytes() -> int:
 def time_ms(
     make_args: Callable[[int], tuple], fn: Callable, bytes_per_set: int, warmup: int, reps: int, graphs: bool = True
 ) -> float:
-    """Median milliseconds per call of ``fn(*args)``: ``reps`` timings of INNER back-to-back calls each.
+    """Median milliseconds per call of ``fn(*args)``: ``reps`` timings of at least INNER back-to-back calls each.
 
-    The argument sets rotate (together over twice the L2 cache). With ``graphs`` the INNER calls are captured
+    The argument sets rotate (together over twice the L2 cache, every set used once per timing). With
+    ``graphs`` the calls are captured
     (after the warm-up, which compiles the kernels) into one CUDA graph, and each timing is one replay of it:
     the calls run back to back on the GPU with no host launch between them, as a decoding runtime (vLLM,
     TensorRT-LLM) replays a whole forward pass as one graph. (Replaying one graph per call instead adds the
     host's graph launch, about 5-8 us on the H200's host, to every call shorter than that: it hid the kernels'
     differences at M <= 16 on the smaller shapes.) Without ``graphs`` each call is launched from Python.
     """
-    sets = max(1, min(16, math.ceil(2 * _l2_bytes() / max(bytes_per_set, 1))))
+    sets = max(1, min(MAX_SETS, math.ceil(2 * _l2_bytes() / max(bytes_per_set, 1))))
     args = [make_args(i) for i in range(sets)]
     for i in range(warmup):
         fn(*args[i % sets])
     torch.cuda.synchronize()
-    order = [args[j % sets] for j in range(INNER)]
+    # Every set once per replay, in a multiple of INNER calls: a graph of only INNER calls would reuse
+    # INNER sets, which for small weights fit in the L2 cache together.
+    n_calls = INNER * math.ceil(sets / INNER)
+    order = [args[j % sets] for j in range(n_calls)]
     if graphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -91,7 +96,7 @@ def time_ms(
         run()
         ends[i].record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / INNER
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / n_calls
 
 
 def precompile(worker: Callable[[tuple], str | None], tasks: list[tuple], jobs: int) -> dict[tuple, str | None]:

@@ -52,8 +52,14 @@ class InputStats:
         """``X^T X / n`` over every token seen, float32 ``[in, in]``."""
         if self._H is None:
             raise RuntimeError("this accumulator was created without a Hessian")
-        L = self._H.tril()
-        return (L + L.tril(-1).t()) / max(self.n_tokens, 1)
+        # One [in, in] copy: each strictly-lower block is mirrored into the upper part, each diagonal block
+        # (a full GEMM, symmetric up to round-off) takes its lower triangle on both sides.
+        H = self._H.clone()
+        for start, end in zip(self._blocks[:-1], self._blocks[1:]):
+            D = H[start:end, start:end]
+            D.copy_(D.tril() + D.tril(-1).mT)
+            H[:start, start:end].copy_(H[start:end, :start].mT)
+        return H.div_(max(self.n_tokens, 1))
 
 
 def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

@@ -157,8 +157,11 @@ def gemm_config(
     which one 4-warp program per SM cannot. So decode runs small programs (``16 x 64 x 128`` tiles on 4 warps, 3
     stages) and splits K until about :data:`DECODE_PROGRAMS_PER_SM` programs per SM run (at most 16 ways, never
     an empty split); e.g. on 132 SMs ``N x K = 11008 x 4096`` runs 172 N tiles x 8 splits. Measured on an H200
-    (CUDA graphs, M = 1, 11008 x 4096): 26 us, vs 41 us for the former one-program-per-SM 64 x 256 config; at
-    M = 16, 12 programs per SM beat 6 on 5 of the 6 Llama shapes (25.2 vs 26.1 us at 11008 x 4096).
+    with the earlier one-graph-per-call timing (M = 1, 11008 x 4096): 26 us at 6 programs per SM, vs 41 us for
+    the former one-program-per-SM 64 x 256 config. At M = 16 (benchmarks/results/w4a16_sweep_h200.json), 12
+    programs per SM and 3 stages ran 24.8 us at 11008 x 4096 against 26.1 us for 6 and 4 stages, and matched
+    or beat it on the other Llama shapes; the FP4/FP6 and float32-activation configs share these constants
+    untuned.
     ``M <= 64`` uses ``BLOCK_M x 128 x 64`` tiles, larger M ``128 x 128 x 64`` on 8 warps, no split. Float32
     activations (``act_bytes == 4``: an IEEE dot on the FMA units, where larger tiles spill registers) use
     ``BLOCK_M x 64 x 32`` with ``BLOCK_M`` 16, 32 or 64 on 4, 4 or 8 warps, split as decode for ``M <= 16``.

@@ -24,8 +24,9 @@ MX_BLOCK, NV_BLOCK = 32, 16
 # fp16 matmul on a cached decoded weight), so no layer runs slower than fp16. An explicit "triton" backend
 # always runs the kernel. None: not measured, the kernel always runs.
 # Measured 2026-11-28 (BENCHMARKS.md, fourth kernel section: one CUDA graph of 10 calls per timing): only W4A16
-# at M = 1 beat fp16 on every shape (1.11x-1.70x); elsewhere "auto" on CUDA takes the cached fp16 weight (fp16
-# memory!), and backend="triton" keeps the packed weights.
+# at M = 1 beat fp16 on every shape (1.11x-1.37x on five shapes; k/v's 1.70x is an upper bound, its weights
+# could sit in L2); elsewhere "auto" on CUDA takes the cached fp16 weight (fp16 memory!), and backend="triton"
+# keeps the packed weights. Measured for fp16 activations, symmetric INT4, group 128.
 MEASURED_M = (1, 16, 64, 256, 1024, 4096)
 FASTER_THAN_FP16: dict[str, frozenset[int] | None] = {
     kind: frozenset() for kind in ("fp4", "fp6", "w8a8_int8", "w8a8_fp8", "a8w4", "int4_fp8")

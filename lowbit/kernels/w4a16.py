@@ -127,13 +127,14 @@ def gemv_config(M: int, N: int, K: int, device: torch.device, group_size: int | 
     per thread, and the next tile's words are prefetched into registers (:data:`GEMV_PREFETCH`). BLOCK_K
     follows the groups as in :func:`group_block_k` (at least half the preferred width, else per-word scale
     loads). K is split (float32 atomics into a zeroed buffer, then a cast) only when the N tiles give fewer than
-    :data:`GEMV_NO_SPLIT_TILES_PER_SM` per SM (N < 264 rows on 132 SMs), so that ``N/8 * split`` reaches about
-    :data:`GEMV_PROGRAMS_PER_SM` programs per SM; otherwise the output is stored directly in its dtype. Chosen
-    by benchmarks/w4a16_sweep.py on the H200 (BENCHMARKS.md), M = 1: these tiles without a split ran 9.4 us at
-    4096 x 4096 (fp16: 12.9 us), 21.5 us at 4096 x 11008 (27.7) and 4.6 us at 1024 x 4096 (7.7), where the
-    former 16 x 512 tiles without prefetch, split to 8 programs per SM, ran 14.5, 31.8 and 6.8 us: the split's
-    zero fill and cast cost more than the extra programs win. Under the interpreter: 64 x 128 tiles, a pretend
-    16-program device.
+    :data:`GEMV_NO_SPLIT_TILES_PER_SM` per SM (N <= 256 rows on 132 SMs: fewer than 33 tiles), so that
+    ``N/8 * split`` reaches about :data:`GEMV_PROGRAMS_PER_SM` programs per SM; otherwise the output is stored
+    directly in its dtype. Chosen by benchmarks/w4a16_sweep.py on the H200 (BENCHMARKS.md), M = 1: these tiles
+    without a split ran 9.4 us at 4096 x 4096 (fp16: 12.9 us), 21.5 us at 4096 x 11008 (27.7) and 4.6 us at
+    1024 x 4096 (7.7), where the former 16 x 512 tiles without prefetch, split to 8 programs per SM, ran 14.5,
+    31.8 and 6.8 us (benchmarks/results/w4a16_sweep_h200_before.json): the split's zero fill and cast cost
+    more than the extra programs win on those shapes (all N >= 1024); the small-N split rule is not measured.
+    Under the interpreter: 64 x 128 tiles, a pretend 16-program device.
     """
     block_m = 1 << max(0, (M - 1).bit_length())
     if device.type != "cuda":
