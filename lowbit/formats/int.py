@@ -159,9 +159,9 @@ def _clip_errors(
 
 
 # Elements per chunk of candidates evaluated by one call: each temporary ([C, o, G, g] float32) stays just
-# under 1 MiB, glibc's mmap threshold as the pipeline sets it (pipeline.limit_heap_fragmentation), so it is
-# served from the heap; at 4 MiB every temporary was a fresh mmap whose page faults cost as much as the
-# arithmetic (15.2 vs 4.1 ms per million elements). A weight larger than the chunk (GPTQ's on-the-fly
+# under 1 MiB. Measured while the pipeline's glibc mmap threshold was 1 MiB (pipeline.limit_heap_fragmentation,
+# now 16 MiB): 4 MiB temporaries were each a fresh mmap whose page faults cost as much as the arithmetic
+# (15.2 vs 4.1 ms per million elements); 1 MiB chunks also stay in the L2 cache between ops. A weight larger than the chunk (GPTQ's on-the-fly
 # groups of more than ~4000 rows, the static and RTN searches over a whole layer) still evaluates one
 # candidate per call, in larger temporaries.
 CLIP_CHUNK = 255 << 10
