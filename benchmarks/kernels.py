@@ -114,16 +114,26 @@ def precompile(worker: Callable[[tuple], str | None], tasks: list[tuple], jobs: 
         return dict(zip(tasks, pool.map(worker, tasks, chunksize=1)))
 
 
-def _compile_one(task: tuple) -> str | None:
-    """Worker of :func:`precompile` for ``(M, N, K, kernel name)``: one call on argument set 0."""
-    M, N, K, name = task
+def error_text(e: Exception) -> str:
+    """One line for a kernel that failed to compile or launch (it is reported, not fatal)."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def run_once(make_args: Callable[[int], tuple], fn: Callable) -> str | None:
+    """Call ``fn`` on argument set 0 and wait for it (compiling its kernels); the error text or None."""
     try:
-        make, fn, _ = kernels(M, N, K, "cuda")[name]
-        fn(*make(0))
+        fn(*make_args(0))
         torch.cuda.synchronize()
         return None
     except Exception as e:  # reported again (and timed as a failure) by the timing process
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return error_text(e)
+
+
+def _compile_one(task: tuple) -> str | None:
+    """Worker of :func:`precompile` for ``(M, N, K, kernel name)``."""
+    M, N, K, name = task
+    make, fn, _ = kernels(M, N, K, "cuda")[name]
+    return run_once(make, fn)
 
 
 def kernels(M: int, N: int, K: int, dev: str) -> dict[str, tuple[Callable[[int], tuple], Callable, int]]:
@@ -264,7 +274,7 @@ def main() -> None:
                     t = time_ms(make, fn, nbytes, args.warmup, args.reps, graphs=not args.no_graphs)
                     err = None
                 except Exception as e:  # a kernel that fails to compile or launch is reported, not fatal
-                    t, err = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    t, err = float("nan"), error_text(e)
                 rows.append({"model": model, "layer": layer, "N": N, "K": K, "M": M, "kernel": name, "ms": t, "error": err})
                 print(f"{model} {layer} N={N} K={K} M={M} {name}: {t:.4f} ms" + (f" ({err})" if err else ""), flush=True)
                 torch.cuda.empty_cache()

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import GROUP, SHAPES, environment, precompile, time_ms  # noqa: E402
+from kernels import GROUP, SHAPES, environment, error_text, precompile, run_once, time_ms  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -135,12 +135,10 @@ def _compile(task: tuple) -> str | None:
     """Worker of :func:`kernels.precompile`: run candidate ``task = (M, N, K, Candidate)`` once."""
     M, N, K, c = task
     try:
-        fn, _ = candidate_fn(c, M, N, K)
-        fn(*make_args(M, N, K)(0))
-        torch.cuda.synchronize()
-        return None
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        fn = candidate_fn(c, M, N, K)[0]
+    except Exception as e:  # a bad configuration: reported again by the timing process
+        return error_text(e)
+    return run_once(make_args(M, N, K), fn)
 
 
 def main() -> None:
@@ -180,7 +178,7 @@ def main() -> None:
                     row.update(split=split, rel_err=err, ok=err <= 1e-2)
                     row["ms"] = time_ms(make, fn, nbytes, args.warmup, args.reps) if row["ok"] else None
                 except Exception as e:
-                    row.update(ok=False, ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    row.update(ok=False, ms=None, error=error_text(e))
                 row["speedup_vs_fp16"] = fp16 / row["ms"] if row.get("ms") else None
                 rows.append(row)
             ranked = sorted((r for r in rows if r["N"] == N and r["K"] == K and r["M"] == M and r["ms"]),

@@ -29,9 +29,8 @@ MX_BLOCK, NV_BLOCK = 32, 16
 # keeps the packed weights. Measured for fp16 activations, symmetric INT4, group 128.
 MEASURED_M = (1, 16, 64, 256, 1024, 4096)
 FASTER_THAN_FP16: dict[str, frozenset[int] | None] = {
-    kind: frozenset() for kind in ("fp4", "fp6", "w8a8_int8", "w8a8_fp8", "a8w4", "int4_fp8")
+    "w4a16": frozenset({1}), **{kind: frozenset() for kind in ("fp4", "fp6", "w8a8_int8", "w8a8_fp8", "a8w4", "int4_fp8")}
 }
-FASTER_THAN_FP16["w4a16"] = frozenset({1})
 
 def _group(layer: "QuantLinear") -> int:
     return layer.scheme.columns_per_scale(layer.in_features) if layer.scheme.strategy == "group" else layer.in_features

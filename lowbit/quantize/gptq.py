@@ -13,7 +13,7 @@ scales belong to natural groups, so the checkpoint needs no runtime permutation 
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -99,12 +99,6 @@ def _num_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _one_thread() -> AbstractContextManager[None]:
-    """Run the column loop on one thread: its ops are too small to share, and with the cores busy
-    (another job, or the OpenMP pool of a second process) two threads made it 50x slower."""
-    return _num_threads(1)
-
-
 @register_rounder("gptq", needs_hessian=True)
 def gptq(
     W: torch.Tensor,
@@ -124,7 +118,9 @@ def gptq(
     if H is None:
         raise ValueError("gptq needs the input Hessian H")
     threads = torch.get_num_threads()
-    with _one_thread():
+    # The column loop on one thread: its ops are too small to share, and with the cores busy (another job,
+    # or the OpenMP pool of a second process) two threads made it 50x slower.
+    with _num_threads(1):
         return _gptq(W, H, scheme.for_layer(W.shape[1]), scale_dtype, options, threads)
 
 
