@@ -23,9 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.calibrate.staged import input_of_linear
 from lowbit.calibrate.stats import InputStats
 from lowbit.models.arch import ArchTable
 from lowbit.models.loading import get_module
+
+
+# Tokens per slice of the output head in the loss's backward: [64, vocab] float32 logits are 12.6 MB for
+# SmolLM2 (49152 words), under the pipeline's 16 MiB mmap threshold, where the whole window's logits, their
+# log-softmax and both gradients (4 x 96 MB) made the pass peak ~270 MiB higher.
+HEAD_CHUNK = 64
 
 
 @dataclass
@@ -103,13 +110,29 @@ def collect_sensitivity_stats(
             p.requires_grad_(False)
         with torch.enable_grad():
             for w in tqdm(range(windows.shape[0]), desc="sensitivity", unit="window", disable=not progress):
-                ids = windows[w : w + 1]
-                logits = model(input_ids=ids, use_cache=False).logits  # [1, L, vocab]
-                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
-                loss.backward()
+                loss_backward(model, table, windows[w : w + 1])
     finally:
         for handle in handles:
             handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
     return SensitivityStats(inputs, {n: acc.mean() for n, acc in fisher.items()})
+
+
+def loss_backward(model: nn.Module, table: ArchTable, ids: torch.Tensor) -> None:
+    """Backpropagate the next-token cross-entropy (summed over tokens) of one window ``ids [1, L]``.
+
+    The model runs up to its output head; the head and the loss then run on HEAD_CHUNK tokens at a
+    time, each slice's gradient accumulating into the head's input ``h [1, L, D]``, which is then
+    backpropagated through the blocks once. Same gradients as one head call over the whole window,
+    without its ``[L, vocab]`` logits held four times over.
+    """
+    head = get_module(model, table.lm_head)
+    h = input_of_linear(model, model, table.lm_head, ids, {"use_cache": False})  # [1, L, D], graph to the embedding
+    h_leaf = h.detach().requires_grad_(True)
+    targets = ids[0, 1:]  # token t predicts token t + 1; the last position has no target
+    for s in range(0, targets.numel(), HEAD_CHUNK):
+        e = min(s + HEAD_CHUNK, targets.numel())
+        logits = head(h_leaf[0, s:e])  # [e - s, vocab]
+        F.cross_entropy(logits.float(), targets[s:e], reduction="sum").backward()
+    h.backward(h_leaf.grad)

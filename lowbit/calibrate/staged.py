@@ -29,8 +29,11 @@ class _Stop(Exception):
     """Raised by a pre-hook once the input of the branch's last linear is captured."""
 
 
-def _input_of_last_linear(block: nn.Module, branch: nn.Module, linear: str, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """Run ``branch`` on ``x`` up to ``linear`` (a path in ``block``) and return that linear's input."""
+def input_of_linear(block: nn.Module, branch: nn.Module, linear: str, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run ``branch`` on ``x`` up to ``linear`` (a path in ``block``) and return that linear's input.
+
+    Nothing after ``linear`` runs: a pre-hook captures the input and stops the forward.
+    """
     captured: list[torch.Tensor] = []
 
     def grab(_m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -47,6 +50,19 @@ def _input_of_last_linear(block: nn.Module, branch: nn.Module, linear: str, x: t
     if not captured:
         raise RuntimeError(f"{linear} was not called by its branch: the architecture table does not match the block")
     return captured[0]
+
+
+def _consume(xs: list[Any], fn: Callable[[int, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """``[fn(k, xs[k]) for k]``, each ``xs[k]`` dropped from the list once its result exists.
+
+    The per-batch lists are the stream's size (151 MB for SmolLM2's calibration; the down_proj inputs
+    403 MB): holding a list and its successor whole made the block's peak one list larger.
+    """
+    out = []
+    for k in range(len(xs)):
+        out.append(fn(k, xs[k]))
+        xs[k] = None
+    return out
 
 
 def _stats(xs: list[torch.Tensor]) -> InputStats:
@@ -79,18 +95,13 @@ def run_block_staged(block: nn.Module, table: ArchTable, inputs: BlockInputs, on
 
     xs = [get_module(block, norm1)(h) for h in hidden]
     on_group(0, _stats(xs))
-    o_in = [_input_of_last_linear(block, attn, o_proj, x, kw) for x, kw in zip(xs, inputs.kwargs)]
-    del xs
+    o_in = _consume(xs, lambda k, x: input_of_linear(block, attn, o_proj, x, inputs.kwargs[k]))
     on_group(1, _stats(o_in))
-    for h, a in zip(hidden, o_in):
-        h.add_(get_module(block, o_proj)(a))  # h1 = h + attn(norm1(h))
-    del o_in
+    _consume(o_in, lambda k, a: hidden[k].add_(get_module(block, o_proj)(a)))  # h1 = h + attn(norm1(h))
     ms = [get_module(block, norm2)(h) for h in hidden]
     on_group(2, _stats(ms))
-    d_in = [_input_of_last_linear(block, mlp, down_proj, m, {}) for m in ms]
-    del ms
+    d_in = _consume(ms, lambda k, m: input_of_linear(block, mlp, down_proj, m, {}))
     on_group(3, _stats(d_in))
-    for h, d in zip(hidden, d_in):
-        h.add_(get_module(block, down_proj)(d))  # out = h1 + mlp(norm2(h1))
+    _consume(d_in, lambda k, d: hidden[k].add_(get_module(block, down_proj)(d)))  # out = h1 + mlp(norm2(h1))
     inputs.hidden = []
     return hidden

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from lowbit.calibrate import fisher
 from lowbit.calibrate.fisher import collect_sensitivity_stats
 from lowbit.calibrate.runner import capture_block_inputs, run_block
 from lowbit.calibrate.stats import InputStats
@@ -19,13 +21,16 @@ def _setup(stories_dir: Path):
     return model, table, ids
 
 
-def test_fisher_matches_retained_output_gradients(stories_dir: Path) -> None:
+@pytest.mark.parametrize("head_chunk", [64, 8])  # one slice of the head's 31 targets, or four (the last partial)
+def test_fisher_matches_retained_output_gradients(stories_dir: Path, head_chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fisher, "HEAD_CHUNK", head_chunk)
     model, table, ids = _setup(stories_dir)
     names = {f"{table.blocks}.{i}.{n}" for i in (0, 3) for n in table.linears}
     stats = collect_sensitivity_stats(model, table, ids, names, progress=False)
     assert set(stats.fisher) == names and set(stats.inputs) == names
 
-    # independent computation: retain every output's gradient, one window at a time, sum g^2 over tokens
+    # independent computation: retain every output's gradient, one window at a time with the whole
+    # window's logits, sum g^2 over tokens
     target = f"{table.blocks}.3.mlp.down_proj"
     linear = get_module(model, target)
     outs: list[torch.Tensor] = []
