@@ -30,7 +30,9 @@ What runs, in one process, one after the other (so the wall times compete for th
 4. ``--ours`` (or whenever llmcompressor cannot be imported): ``lowbit.quantize_model(None, --recipe, ...)``
    with the same samples / seqlen / seed, timed, then its checkpoint loaded with ``lowbit.load`` and scored.
 
-Wall times are ``time.perf_counter`` around the one call. Peak RSS is the process's VmHWM, reset before each
+Wall times are ``time.perf_counter`` around the one call; with them, the process's CPU seconds (``cpu_s``) and
+the share of the machine's CPU time its hypervisor stole meanwhile (``steal_pct``, /proc/stat): on a shared
+virtual machine a phase with high steal runs slower for reasons outside the code. Peak RSS is the process's VmHWM, reset before each
 phase (``/proc/self/clear_refs``), so it includes whatever the process already held (listed as
 ``rss_before_mib``). Per-layer llm-compressor timings come from wrapping its sequential pipeline's batch
 iterator and the SEQUENTIAL_EPOCH_END callback (instrumentation only; nothing about the algorithm changes).
@@ -87,6 +89,27 @@ def reset_peak_rss() -> int:
 def peak_rss() -> int:
     """Peak RSS (MiB) since the last reset_peak_rss()."""
     return _status_kib("VmHWM") // 1024
+
+
+# ---- CPU time and steal ----------------------------------------------------------------------------------
+
+def cpu_snapshot() -> tuple[float, int, int]:
+    """(this process's user + system CPU seconds, the machine's steal ticks, its total ticks) now."""
+    t = os.times()
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        steal, total = (ticks[7] if len(ticks) > 7 else 0), sum(ticks[:8])
+    except (OSError, ValueError):
+        steal, total = 0, 0
+    return t.user + t.system, steal, total
+
+
+def cpu_since(start: tuple[float, int, int]) -> dict[str, float]:
+    """CPU seconds this process used since ``start``, and the share of the machine's CPU time the hypervisor
+    stole meanwhile (``steal_pct``): a virtual machine's wall times are only comparable at similar steal."""
+    now = cpu_snapshot()
+    total = now[2] - start[2]
+    return {"cpu_s": round(now[0] - start[0], 1), "steal_pct": round(100 * (now[1] - start[1]) / total, 1) if total else 0.0}
 
 
 # ---- llm-compressor instrumentation ---------------------------------------------------------------------
@@ -236,10 +259,10 @@ def run_llmc(method: str, model_dir: Path, dataset: Any, args: argparse.Namespac
     sink = logger.add(lambda m: warnings.append(m.record["message"][:300]) if m.record["message"][:300] not in warnings
                       else None, filter=lambda r: r["level"].name == "WARNING")
     rss1 = reset_peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_snapshot()
     with PipelineTimer() as timer:
         model = oneshot(model=model, recipe=modifier, **data)
-    quant_s = time.perf_counter() - t0
+    quant_s, cpu = time.perf_counter() - t0, cpu_since(c0)
     peak = peak_rss()
     logger.remove(sink)
 
@@ -248,7 +271,7 @@ def run_llmc(method: str, model_dir: Path, dataset: Any, args: argparse.Namespac
     row = {
         "name": f"llmc-{method}", "tool": f"llmcompressor {_version('llmcompressor')}",
         "scheme": f"W4 g{args.group_size} sym" + (f", actorder static, damp {args.dampening}" if method == "gptq" else ""),
-        "load_s": round(load_s, 2), "quantize_s": round(quant_s, 2),
+        "load_s": round(load_s, 2), "quantize_s": round(quant_s, 2), **cpu,
         "rss_before_mib": rss1, "peak_rss_mib": peak, "rss_at_start_mib": rss0, "loadavg_1m_after": os.getloadavg()[0],
         **_ppl(ppl), "on_grid": grid, "warnings": warnings,
     }
@@ -273,17 +296,17 @@ def run_ours(args: argparse.Namespace, tokenizer: Any, text: str) -> dict[str, A
 
     recipe = load_recipe(args.recipe)
     rss1 = reset_peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_snapshot()
     result = lowbit.quantize_model(args.model, recipe, args.workdir / f"lowbit-{recipe.name}", samples=args.samples,
                                    calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True,
                                    batch_size=args.ours_batch_size)
-    quant_s = time.perf_counter() - t0
+    quant_s, cpu = time.perf_counter() - t0, cpu_since(c0)
     peak = peak_rss()
     model = lowbit.load(result.out)
     ppl = perplexity(model, tokenizer, text, seqlen=args.ppl_seqlen, limit=args.limit)
     row = {
         "name": f"lowbit-{recipe.name}", "tool": f"lowbit {lowbit.__version__}",
-        "scheme": f"{recipe.method}: {recipe.description}", "quantize_s": round(quant_s, 2),
+        "scheme": f"{recipe.method}: {recipe.description}", "quantize_s": round(quant_s, 2), **cpu,
         "rss_before_mib": rss1, "peak_rss_mib": peak, "loadavg_1m_after": os.getloadavg()[0], "bits_per_weight": round(result.bits_per_weight, 3),
         "out": str(result.out), **_ppl(ppl),
         "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
@@ -375,11 +398,12 @@ def main() -> None:
         results.add(run_ours(args, tokenizer, text))
 
     print(f"\nwrote {args.json}\n")
-    print("| run | scheme | ppl (windows x seqlen) | quantize wall (s) | load (s) | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|")
+    print("| run | scheme | ppl (windows x seqlen) | quantize wall (s) | CPU (s) | steal | load (s) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results.rows:
         print(f"| {r['name']} | {r.get('scheme', 'float32')} | {r['ppl']:.2f} ({r['ppl_windows']} x {r['ppl_seqlen']}) | "
-              f"{r.get('quantize_s', '-')} | {r.get('load_s', '-')} | {r.get('peak_rss_mib', '-')} |")
+              f"{r.get('quantize_s', '-')} | {r.get('cpu_s', '-')} | {r.get('steal_pct', '-')} % | {r.get('load_s', '-')} | "
+              f"{r.get('peak_rss_mib', '-')} |")
 
 
 if __name__ == "__main__":
