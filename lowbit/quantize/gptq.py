@@ -20,7 +20,7 @@ import torch
 
 from lowbit.formats.grid import GridParams, compute_params, dequantize_values, round_values
 from lowbit.formats.int import compute_qparams, expand_groups, mse_clip
-from lowbit.formats.parallel import WORKERS, worker_pool
+from lowbit.formats.parallel import worker_pool
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.refit import refit_group_scales
 from lowbit.quantize.rounding import RoundResult, register_rounder
@@ -124,9 +124,11 @@ def gptq(
         return _gptq(W, H, scheme.for_layer(W.shape[1]), scale_dtype, options, threads)
 
 
-# Rows are split across this many threads when there are at least ROWS_PER_THREAD rows per thread:
+# Rows can be split across this many threads when there are at least ROWS_PER_THREAD rows per thread:
 # each thread runs the same column loop on its rows (the loop's small ops release the GIL while they run).
-LOOP_THREADS = WORKERS
+# Off (1): the loop is dispatch-bound, and two threads contending for the GIL took 4.7-5.3 s to round
+# SmolLM2 blocks 0-1 where one thread over all rows took 4.1-4.5 s (fifth session, 2 cores).
+LOOP_THREADS = 1
 ROWS_PER_THREAD = 256
 
 
@@ -138,8 +140,9 @@ def _gptq(
     refit, large dense products, run on ``threads`` intra-op threads (the caller's count), the rest on one.
 
     Everything that depends on H alone (dead columns, order, damping, the inverse factor U) is done once;
-    the column loop then runs on row chunks in parallel. A row's codes, scales and loss depend only on
-    that row, W's other rows never enter its arithmetic, so the result does not depend on the split.
+    the column loop then runs on all rows at once, or on row chunks in parallel when LOOP_THREADS > 1. A
+    row's codes, scales and loss depend only on that row, W's other rows never enter its arithmetic, so
+    the result does not depend on the split.
     """
     out_f, in_f = W.shape
     W = W.float().clone()
