@@ -20,7 +20,6 @@ import torch
 
 from lowbit.formats.grid import GridParams, compute_params, dequantize_values, round_values
 from lowbit.formats.int import compute_qparams, expand_groups, mse_clip
-from lowbit.formats.parallel import worker_pool
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.refit import refit_group_scales
 from lowbit.quantize.rounding import RoundResult, register_rounder
@@ -124,14 +123,6 @@ def gptq(
         return _gptq(W, H, scheme.for_layer(W.shape[1]), scale_dtype, options, threads)
 
 
-# Rows can be split across this many threads when there are at least ROWS_PER_THREAD rows per thread:
-# each thread runs the same column loop on its rows (the loop's small ops release the GIL while they run).
-# Off (1): the loop is dispatch-bound, and two threads contending for the GIL took 4.7-5.3 s to round
-# SmolLM2 blocks 0-1 where one thread over all rows took 4.1-4.5 s (fifth session, 2 cores).
-LOOP_THREADS = 1
-ROWS_PER_THREAD = 256
-
-
 def _gptq(
     W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions",
     threads: int = 1,
@@ -140,9 +131,10 @@ def _gptq(
     refit, large dense products, run on ``threads`` intra-op threads (the caller's count), the rest on one.
 
     Everything that depends on H alone (dead columns, order, damping, the inverse factor U) is done once;
-    the column loop then runs on all rows at once, or on row chunks in parallel when LOOP_THREADS > 1. A
-    row's codes, scales and loss depend only on that row, W's other rows never enter its arithmetic, so
-    the result does not depend on the split.
+    the column loop then runs on all rows at once, on one thread. (Splitting the rows across two threads,
+    which the arithmetic allows since a row's codes, scales and loss depend only on that row, was slower:
+    the loop is dispatch-bound and the threads contend for the GIL; SmolLM2 blocks 0-1 took 4.7-5.3 s
+    against 4.1-4.5 s, fifth session, 2 cores.)
     """
     out_f, in_f = W.shape
     W = W.float().clone()
@@ -167,19 +159,7 @@ def _gptq(
         clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride) if search else 1.0
         params = compute_params(W, scheme, scale_dtype, clip)
 
-    chunks = LOOP_THREADS if scheme.strategy != "tensor" and out_f >= ROWS_PER_THREAD * LOOP_THREADS else 1
-    bounds = [(out_f * k // chunks, out_f * (k + 1) // chunks) for k in range(chunks)]
-
-    def run(b: tuple[int, int]) -> tuple[torch.Tensor, GridParams, torch.Tensor]:
-        part = None if params is None else (params if chunks == 1 else params.rows(b[0], b[1]))
-        return _column_loop(W[b[0] : b[1]], U, perm, scheme, scale_dtype, options, part)
-
-    parts = list(worker_pool("gptq").map(run, bounds)) if chunks > 1 else [run(bounds[0])]
-    values = torch.cat([q for q, _, _ in parts])
-    if params is None:
-        zero = None if parts[0][1].zero is None else torch.cat([p.zero for _, p, _ in parts])
-        params = GridParams(torch.cat([p.scale for _, p, _ in parts]), zero)
-    loss = torch.cat([l for _, _, l in parts])
+    values, params, loss = _column_loop(W, U, perm, scheme, scale_dtype, options, params)
     total = float(loss.sum())
     if not torch.isfinite(torch.tensor(total)):
         return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, "GPTQ loss not finite: fell back to RTN")

@@ -85,6 +85,15 @@ class QuantizeResult:
         return sum(l.storage_bits for l in self.layers) / max(sum(l.params for l in self.layers), 1)
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def limit_heap_fragmentation() -> None:
     """Have glibc serve every allocation of 16 MiB or more with its own mmap, returned to the OS on free.
 
@@ -96,12 +105,10 @@ def limit_heap_fragmentation() -> None:
     reuse heap memory; the 25 MB MLP tensors and larger still get their own mmap): 2448 MiB, 32 s of system
     time, 239 s (`/usr/bin/time -v`, 2 cores). A no-op where the C library is not glibc.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _glibc()
+    if libc is not None:
         libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 16 << 20)  # M_TRIM_THRESHOLD: give freed heap tops back beyond 16 MiB
-    except (OSError, AttributeError):
-        pass
 
 
 def release_free_heap() -> None:
@@ -111,10 +118,9 @@ def release_free_heap() -> None:
     threshold) and the autograd buffers are freed between live blocks of the heap, which glibc keeps
     resident; the rounding pass then started 2.2 GiB high instead of at the float model's size.
     """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
