@@ -14,13 +14,14 @@ scales belong to natural groups, so the checkpoint needs no runtime permutation 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from lowbit.formats.grid import GridParams, compute_params, dequantize_values, round_values
 from lowbit.formats.int import compute_qparams, expand_groups, mse_clip
 from lowbit.formats.scheme import WeightScheme
+from lowbit.kernels import gptq_columns
 from lowbit.quantize.refit import refit_group_scales
 from lowbit.quantize.rounding import RoundResult, register_rounder
 from lowbit.quantize.rtn import from_values, rtn_weight
@@ -117,8 +118,9 @@ def gptq(
     if H is None:
         raise ValueError("gptq needs the input Hessian H")
     threads = torch.get_num_threads()
-    # The column loop on one thread: its ops are too small to share, and with the cores busy (another job,
-    # or the OpenMP pool of a second process) two threads made it 50x slower.
+    # torch's intra-op pool at one thread outside the large products: the loop's torch ops are too small to
+    # share, and with the cores busy (another job, or the OpenMP pool of a second process) two threads made
+    # them 50x slower. The C column loop uses ``threads`` row slices of its own (kernels/gptq_columns.py).
     with _num_threads(1):
         return _gptq(W, H, scheme.for_layer(W.shape[1]), scale_dtype, options, threads)
 
@@ -131,10 +133,9 @@ def _gptq(
     refit, large dense products, run on ``threads`` intra-op threads (the caller's count), the rest on one.
 
     Everything that depends on H alone (dead columns, order, damping, the inverse factor U) is done once;
-    the column loop then runs on all rows at once, on one thread. (Splitting the rows across two threads,
-    which the arithmetic allows since a row's codes, scales and loss depend only on that row, was slower:
-    the loop is dispatch-bound and the threads contend for the GIL; SmolLM2 blocks 0-1 took 4.7-5.3 s
-    against 4.1-4.5 s, fifth session, 2 cores.)
+    the column loop then runs on all rows at once: in C on ``threads`` row slices (a row's codes, scales
+    and loss depend only on that row, and the C call releases the GIL), or in torch on one thread (there
+    two threads contend for the GIL: SmolLM2 blocks 0-1 took 4.7-5.3 s against 4.1-4.5 s on one).
     """
     out_f, in_f = W.shape
     W = W.float().clone()
@@ -159,7 +160,7 @@ def _gptq(
         clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride) if search else 1.0
         params = compute_params(W, scheme, scale_dtype, clip)
 
-    values, params, loss = _column_loop(W, U, perm, scheme, scale_dtype, options, params)
+    values, params, loss = _column_loop(W, U, perm, scheme, scale_dtype, options, params, threads)
     total = float(loss.sum())
     if not torch.isfinite(torch.tensor(total)):
         return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, "GPTQ loss not finite: fell back to RTN")
@@ -177,11 +178,17 @@ def _column_loop(
     scale_dtype: torch.dtype,
     options: "RoundingOptions",
     params: GridParams | None,
+    threads: int = 1,
+    native_loop: bool = True,
 ) -> tuple[torch.Tensor, GridParams, torch.Tensor]:
     """GPTQ's column loop on rows ``W [rows, in]`` (float32, natural column order) with the upper inverse
     factor ``U [in, in]`` in processing order ``perm``, on static grid ``params`` of these rows, or with
     plain-int group scales computed on the fly when ``params`` is None. Returns (grid values float32
-    ``[rows, in]`` at natural indices (formats/grid.py), the parameters, loss per row float32 ``[rows]``)."""
+    ``[rows, in]`` at natural indices (formats/grid.py), the parameters, loss per row float32 ``[rows]``).
+
+    Each block's columns run in C on ``threads`` row slices (kernels/gptq_columns.py: the same bits,
+    without torch's per-op dispatch, which set the torch loop's speed) for the plain int grid when the
+    kernel could be built and ``native_loop``; otherwise in torch (:func:`_block_torch`)."""
     out_f, in_f = W.shape
     gs = scheme.columns_per_scale(in_f) if scheme.strategy != "tensor" else in_f
     static = params is not None
@@ -196,53 +203,88 @@ def _column_loop(
 
     order = perm.tolist()
     generic = params is not None and not scheme.is_plain_int
+    use_native = not generic and native_loop and gptq_columns.available(scale_dtype)
     Wp = W[:, perm]  # [rows, in] in processing order
     codes = torch.empty(out_f, in_f, device=W.device)  # grid values (formats/grid.py), at natural column indices
     loss = torch.zeros(out_f, device=W.device)
+
+    def start_group(W1T: torch.Tensor, i: int, i1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """On-the-fly scale (and zero) ``[rows]`` of the group starting at block column ``i``, from the
+        compensated weights ``W1T[i : i + gs]``; stored into ``scale`` / ``zero`` at the natural group."""
+        g = order[i1 + i] // gs
+        s_g, z_g = _group_params(W1T[i : i + gs].t().contiguous(), scheme, scale_dtype, options)
+        scale[:, g] = s_g[:, 0]
+        if zero is not None:
+            zero[:, g] = z_g[:, 0]
+        return scale[:, g], (None if zero is None else zero[:, g].float())
+
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
         # The block's columns as rows (W1T [i2 - i1, rows]): each column is contiguous, and so is each
         # rank-1 update below (30 % faster than on [rows, cols] for the same elementwise arithmetic).
         W1T, U1 = Wp[:, i1:i2].t().contiguous(), U[i1:i2, i1:i2]
-        diag = U1.diagonal().tolist()  # Python floats: on the CPU, dividing by one is bit-identical to a 0-d tensor
-        qs: list[torch.Tensor] = []  # this block's grid values and scaled errors, column by column
-        errs: list[torch.Tensor] = []
         if static:  # per-column scale / zero of this block, natural group of each column
             s_cols = expand_groups(scale, in_f)[:, perm[i1:i2]].expand(out_f, -1)
             z_cols = None if zero is None else expand_groups(zero, in_f)[:, perm[i1:i2]].float()
-        for i in range(i2 - i1):
-            w = W1T[i]
-            if generic:  # any grid, through formats/grid.py
-                col = GridParams(s_cols[:, i : i + 1], None if z_cols is None else z_cols[:, i : i + 1],
-                                 params.global_scale, params.channel_scale)
-                q = round_values(w[:, None], col, scheme)
-                dq = dequantize_values(q, col, scheme, None, scale_dtype)[:, 0]
-                q = q[:, 0]
-            else:  # the plain int grid inline: the hot path of every INT preset, as few ops as possible
-                if static:
-                    s, z = s_cols[:, i], (None if z_cols is None else z_cols[:, i])
-                else:
-                    if (i1 + i) % gs == 0:  # a group starts: its scale from the compensated weights
-                        g = order[i1 + i] // gs
-                        s_g, z_g = _group_params(W1T[i : i + gs].t().contiguous(), scheme, scale_dtype, options)
-                        scale[:, g] = s_g[:, 0]
-                        if zero is not None:
-                            zero[:, g] = z_g[:, 0]
-                        s_group, z_group = scale[:, g], (None if zero is None else zero[:, g].float())
-                    s, z = s_group, z_group
-                q = torch.div(w, s).round_()
-                if z is not None:
-                    q.add_(z)
-                q.clamp_(scheme.qmin, scheme.qmax)
-                dq = (q if z is None else q - z) * s
-                if scale_dtype != torch.float32:
-                    dq = dq.to(scale_dtype).float()  # exactly what dequantize gives
-            qs.append(q)
-            err = (w - dq).div_(diag[i])
-            errs.append(err)
-            W1T[i:].sub_(torch.outer(U1[i, i:], err))
-        E1 = torch.stack(errs, dim=1)  # [rows, i2 - i1]: (w - q) / d per column
-        codes[:, perm[i1:i2]] = torch.stack(qs, dim=1)
+        if use_native:  # the same arithmetic in C (kernels/gptq_columns.py), bit for bit
+            Q, E = torch.empty_like(W1T), torch.empty_like(W1T)
+            U1c = U1.contiguous()
+            if static:
+                S = s_cols.t().contiguous()
+                Z = None if z_cols is None else z_cols.t().contiguous()
+                gptq_columns.gptq_columns(W1T, U1c, 0, i2 - i1, S, Z, scheme.qmin, scheme.qmax, scale_dtype, Q, E, threads)
+            else:
+                for i in range(0, i2 - i1, gs):  # blocks hold whole groups here
+                    s_g, z_g = start_group(W1T, i, i1)
+                    gptq_columns.gptq_columns(W1T, U1c, i, i + gs, s_g.contiguous(), None if z_g is None else z_g.contiguous(),
+                                              scheme.qmin, scheme.qmax, scale_dtype, Q, E, threads)
+            Q1, E1 = Q.t(), E.t().contiguous()  # [rows, i2 - i1]
+        else:
+            Q1, E1 = _block_torch(W1T, U1, i1, s_cols if static else None, z_cols if static else None,
+                                  params if generic else None, scheme, scale_dtype, gs, start_group)
+        codes[:, perm[i1:i2]] = Q1
         loss += E1.square().sum(dim=1) / 2  # sum (w - q)^2 / d^2 / 2
         Wp[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of all later columns
     return codes, params if params is not None else GridParams(scale, zero), loss
+
+
+def _block_torch(
+    W1T: torch.Tensor, U1: torch.Tensor, i1: int, s_cols: torch.Tensor | None, z_cols: torch.Tensor | None,
+    params: GridParams | None, scheme: WeightScheme, scale_dtype: torch.dtype, gs: int,
+    start_group: "Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor | None]]",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column loop of one block in torch (the reference for kernels/gptq_columns.py, and the path of
+    grids other than plain int): columns of ``W1T [nb, rows]`` (the block transposed, updated in place)
+    with the block ``U1 [nb, nb]`` of the factor; per-column static ``s_cols`` / ``z_cols [rows, nb]``, or
+    None for on-the-fly groups (``start_group`` computes them); ``params`` set for a generic grid.
+    Returns grid values and scaled errors, float32 ``[rows, nb]`` each."""
+    diag = U1.diagonal().tolist()  # Python floats: on the CPU, dividing by one is bit-identical to a 0-d tensor
+    qs: list[torch.Tensor] = []  # this block's grid values and scaled errors, column by column
+    errs: list[torch.Tensor] = []
+    for i in range(W1T.shape[0]):
+        w = W1T[i]
+        if params is not None:  # any grid, through formats/grid.py
+            col = GridParams(s_cols[:, i : i + 1], None if z_cols is None else z_cols[:, i : i + 1],
+                             params.global_scale, params.channel_scale)
+            q = round_values(w[:, None], col, scheme)
+            dq = dequantize_values(q, col, scheme, None, scale_dtype)[:, 0]
+            q = q[:, 0]
+        else:  # the plain int grid inline: as few ops as possible
+            if s_cols is not None:
+                s, z = s_cols[:, i], (None if z_cols is None else z_cols[:, i])
+            else:
+                if (i1 + i) % gs == 0:  # a group starts: its scale from the compensated weights
+                    s_group, z_group = start_group(W1T, i, i1)
+                s, z = s_group, z_group
+            q = torch.div(w, s).round_()
+            if z is not None:
+                q.add_(z)
+            q.clamp_(scheme.qmin, scheme.qmax)
+            dq = (q if z is None else q - z) * s
+            if scale_dtype != torch.float32:
+                dq = dq.to(scale_dtype).float()  # exactly what dequantize gives
+        qs.append(q)
+        err = (w - dq).div_(diag[i])
+        errs.append(err)
+        W1T[i:].sub_(torch.outer(U1[i, i:], err))
+    return torch.stack(qs, dim=1), torch.stack(errs, dim=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from lowbit.calibrate.stats import InputStats, relative_output_error
 from lowbit.calibrate.windows import calibration_windows
 from lowbit.errors import LowbitError
 from lowbit.formats.scheme import WeightScheme
+from lowbit.kernels import gptq_columns, native
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.models.arch import ArchTable
 from lowbit.models.loading import get_module, load_float_model, set_module
@@ -348,6 +350,9 @@ def quantize_model(
     size_before = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
     base = model_scheme(fmodel, table, recipe)
+    if progress and recipe.method == "gptq" and native.enabled() and not gptq_columns.available(scale_dtype):
+        tqdm.write("note: no C compiler found (set CC, or install gcc): GPTQ's column loop runs in torch, "
+                   "the same results more slowly", file=sys.stderr)
     allocated, rates = None, None
     if recipe.baq is not None:
         t1 = time.perf_counter()

@@ -91,6 +91,19 @@ def test_same_inputs_same_files(tmp_path: Path, quantized_stories, stories_dir: 
         assert (first / f).read_bytes() == (second / f).read_bytes(), f
 
 
+def test_without_a_c_compiler_the_same_files_and_a_note(
+    tmp_path: Path, quantized_stories, stories_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No compiler: GPTQ's column loop runs in torch, says so, and writes the files the C loop writes."""
+    first, _ = quantized_stories("w4a16")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    second = tmp_path / "torch-loop"
+    quantize_model(stories_dir, "w4a16", second, samples=8, calib_seqlen=64, seed=0, progress=True)
+    assert "no C compiler" in capsys.readouterr().err
+    for f in sorted(p.name for p in first.iterdir()):
+        assert (first / f).read_bytes() == (second / f).read_bytes(), f
+
+
 def test_error_propagation_uses_quantized_inputs(tmp_path: Path, stories_dir: Path) -> None:
     """A different seed changes the calibration windows and so the reported errors, but not RTN's codes."""
     a = quantize_model(stories_dir, "w4a16-rtn", tmp_path / "a", samples=4, calib_seqlen=64, seed=0, progress=False)

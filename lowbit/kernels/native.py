@@ -1,0 +1,90 @@
+"""Small C kernels for the CPU, compiled once with the system C compiler and loaded with ctypes.
+
+Some loops are too fine-grained for torch on the CPU: GPTQ's column loop issues ~10 small ops a column,
+and their dispatch, not their arithmetic, sets its speed. Such a loop is written in plain C (no Python
+or torch headers, so it compiles in well under a second) under ``lowbit/kernels/csrc/``, built on first
+use into a per-user cache and loaded with ctypes, which releases the GIL during the call. Every kernel
+here has a torch implementation it must equal bit for bit, which is also the fallback: when no C
+compiler is found, or ``LOWBIT_NATIVE=0``, :func:`load` returns None and the caller runs torch.
+
+The build is keyed by the source, the flags, the compiler and the CPU's feature flags (the code is
+compiled for the CPU it runs on), written to a temporary file and moved into place, so concurrent first
+uses and a shared home directory on machines with other CPUs are safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCES = Path(__file__).parent / "csrc"
+# No fused multiply-add, no reassociation: the C loops must reproduce torch's float32 arithmetic exactly.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: ``native/`` in the lowbit cache, ``$LOWBIT_CACHE_DIR`` (default
+    ``~/.cache/lowbit``; the root models/smollm2.py keeps the default model in, above this layer)."""
+    env = os.environ.get("LOWBIT_CACHE_DIR")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "lowbit") / "native"
+
+
+def _compiler() -> str | None:
+    """The C compiler: ``$CC`` if set, else the first of cc, gcc, clang on PATH."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"])
+    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature list (Linux), so a build for one CPU is never loaded on another."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def enabled() -> bool:
+    """False when native kernels are switched off with ``LOWBIT_NATIVE=0`` (torch runs everything)."""
+    return os.environ.get("LOWBIT_NATIVE", "1") != "0"
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library of ``csrc/{name}.c``, building it on first use; None when it cannot be built
+    (no compiler, a compile error) or native kernels are switched off with ``LOWBIT_NATIVE=0``."""
+    if not enabled():
+        return None
+    cc = _compiler()
+    return None if cc is None else _build(name, cc)
+
+
+@functools.lru_cache(maxsize=None)
+def _build(name: str, cc: str) -> ctypes.CDLL | None:
+    """:func:`load` with compiler ``cc``: once per process, and once per machine thanks to the cache."""
+    source = (SOURCES / f"{name}.c").read_text()
+    key = hashlib.sha256("\0".join([source, " ".join(FLAGS), cc, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{key}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+                src.write_text(source)
+                subprocess.run([cc, *FLAGS, str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
+                os.replace(lib, target)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError:
+        return None
