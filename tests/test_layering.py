@@ -1,11 +1,11 @@
-"""Imports go one way: formats <- kernels <- models <- calibrate <- quantize <- cli (DESIGN.md)."""
+"""Imports go one way: native <- formats <- kernels <- models <- calibrate <- quantize <- cli (DESIGN.md)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-LAYERS = ["errors", "formats", "kernels", "models", "calibrate", "quantize", "cli"]
+LAYERS = ["errors", "native", "formats", "kernels", "models", "calibrate", "quantize", "cli"]
 ROOT = Path(__file__).resolve().parents[1] / "lowbit"
 
 

@@ -21,7 +21,7 @@ import torch
 from lowbit.formats.grid import GridParams, compute_params, dequantize_values, round_values
 from lowbit.formats.int import compute_qparams, expand_groups, mse_clip
 from lowbit.formats.scheme import WeightScheme
-from lowbit.kernels import gptq_columns
+from lowbit.native import gptq_columns
 from lowbit.quantize.refit import refit_group_scales
 from lowbit.quantize.rounding import RoundResult, register_rounder
 from lowbit.quantize.rtn import from_values, rtn_weight
@@ -120,7 +120,7 @@ def gptq(
     threads = torch.get_num_threads()
     # torch's intra-op pool at one thread outside the large products: the loop's torch ops are too small to
     # share, and with the cores busy (another job, or the OpenMP pool of a second process) two threads made
-    # them 50x slower. The C column loop uses ``threads`` row slices of its own (kernels/gptq_columns.py).
+    # them 50x slower. The C column loop uses ``threads`` row slices of its own (native/gptq_columns.py).
     with _num_threads(1):
         return _gptq(W, H, scheme.for_layer(W.shape[1]), scale_dtype, options, threads)
 
@@ -186,7 +186,7 @@ def _column_loop(
     plain-int group scales computed on the fly when ``params`` is None. Returns (grid values float32
     ``[rows, in]`` at natural indices (formats/grid.py), the parameters, loss per row float32 ``[rows]``).
 
-    Each block's columns run in C on ``threads`` row slices (kernels/gptq_columns.py: the same bits,
+    Each block's columns run in C on ``threads`` row slices (native/gptq_columns.py: the same bits,
     without torch's per-op dispatch, which set the torch loop's speed) for the plain int grid when the
     kernel could be built and ``native_loop``; otherwise in torch (:func:`_block_torch`)."""
     out_f, in_f = W.shape
@@ -226,7 +226,7 @@ def _column_loop(
         if static:  # per-column scale / zero of this block, natural group of each column
             s_cols = expand_groups(scale, in_f)[:, perm[i1:i2]].expand(out_f, -1)
             z_cols = None if zero is None else expand_groups(zero, in_f)[:, perm[i1:i2]].float()
-        if use_native:  # the same arithmetic in C (kernels/gptq_columns.py), bit for bit
+        if use_native:  # the same arithmetic in C (native/gptq_columns.py), bit for bit
             Q, E = torch.empty_like(W1T), torch.empty_like(W1T)
             U1c = U1.contiguous()
             if static:
@@ -253,7 +253,7 @@ def _block_torch(
     params: GridParams | None, scheme: WeightScheme, scale_dtype: torch.dtype, gs: int,
     start_group: "Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor | None]]",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The column loop of one block in torch (the reference for kernels/gptq_columns.py, and the path of
+    """The column loop of one block in torch (the reference for native/gptq_columns.py, and the path of
     grids other than plain int): columns of ``W1T [nb, rows]`` (the block transposed, updated in place)
     with the block ``U1 [nb, nb]`` of the factor; per-column static ``s_cols`` / ``z_cols [rows, nb]``, or
     None for on-the-fly groups (``start_group`` computes them); ``params`` set for a generic grid.

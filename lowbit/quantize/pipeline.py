@@ -29,7 +29,8 @@ from lowbit.calibrate.stats import InputStats, relative_output_error
 from lowbit.calibrate.windows import calibration_windows
 from lowbit.errors import LowbitError
 from lowbit.formats.scheme import WeightScheme
-from lowbit.kernels import gptq_columns, native
+from lowbit import native
+from lowbit.native import gptq_columns
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.models.arch import ArchTable
 from lowbit.models.loading import get_module, load_float_model, set_module

@@ -19,7 +19,7 @@ def test_triangle_blocks_partition(d: int) -> None:
 def test_hessian_matches_full_product(d: int) -> None:
     g = torch.Generator().manual_seed(d)
     xs = [torch.randn(2, 40, d, generator=g) * torch.rand(d, generator=g) for _ in range(3)]
-    stats = InputStats(d, "cpu")
+    stats = InputStats(d, "cpu", absmax=True)
     for x in xs:
         stats.add(x)
     X = torch.cat([x.reshape(-1, d) for x in xs]).double()
@@ -29,3 +29,4 @@ def test_hessian_matches_full_product(d: int) -> None:
     assert torch.equal(H, H.T)
     torch.testing.assert_close(H.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     torch.testing.assert_close(stats.absmax, X.abs().amax(0).float())
+    assert InputStats(d, "cpu").absmax is None  # off unless asked: nothing in GPTQ or BAQ reads it

@@ -1,4 +1,4 @@
-/* GPTQ's column loop inside one lazy block, for the plain integer grid (lowbit/kernels/gptq_columns.py).
+/* GPTQ's column loop inside one lazy block, for the plain integer grid (lowbit/native/gptq_columns.py).
  *
  * The same arithmetic as the torch loop in lowbit/quantize/gptq.py, operation for operation in float32:
  *   q   = clamp(round_half_even(w / s) (+ z), qmin, qmax)
@@ -6,7 +6,7 @@
  *   err = (w - dq) / U[i, i]
  *   W[k, :] = W[k, :] - U[i, k] * err          for the block's later columns k (product, then difference)
  * Compiled with -ffp-contract=off and without -ffast-math, so no fused multiply-add or reassociation
- * changes a bit: the results equal the torch loop's exactly (tests/kernels/test_gptq_columns.py).
+ * changes a bit: the results equal the torch loop's exactly (tests/native/test_gptq_columns.py).
  *
  * Layout: the block is transposed, W1T [nb, ld] float32 row-major (row k = the block's column k over the
  * weight's rows); the caller passes a slice of rows [r0, r0 + rows) by offsetting W1T, s, z, Q, E. Rows are

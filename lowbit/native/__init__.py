@@ -2,7 +2,7 @@
 
 Some loops are too fine-grained for torch on the CPU: GPTQ's column loop issues ~10 small ops a column,
 and their dispatch, not their arithmetic, sets its speed. Such a loop is written in plain C (no Python
-or torch headers, so it compiles in well under a second) under ``lowbit/kernels/csrc/``, built on first
+or torch headers, so it compiles in well under a second) under ``lowbit/native/csrc/``, built on first
 use into a per-user cache and loaded with ctypes, which releases the GIL during the call. Every kernel
 here has a torch implementation it must equal bit for bit, which is also the fallback: when no C
 compiler is found, or ``LOWBIT_NATIVE=0``, :func:`load` returns None and the caller runs torch.

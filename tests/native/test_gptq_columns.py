@@ -1,4 +1,4 @@
-"""GPTQ's column loop in C (kernels/gptq_columns.py) gives the torch loop's bits; the build falls back cleanly."""
+"""GPTQ's column loop in C (native/gptq_columns.py) gives the torch loop's bits; the build falls back cleanly."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 
 from lowbit.formats.grid import compute_params
 from lowbit.formats.scheme import WeightScheme
-from lowbit.kernels import gptq_columns, native
+from lowbit import native
+from lowbit.native import gptq_columns
 from lowbit.quantize import gptq as G
 from lowbit.quantize.recipe import RoundingOptions
 

@@ -1,7 +1,7 @@
 """GPTQ's column loop within one lazy block, in C (csrc/gptq_columns.c) on row slices in parallel.
 
 The torch loop in lowbit/quantize/gptq.py is the reference and the fallback; this one gives the same bits
-(tests/kernels/test_gptq_columns.py) for the plain integer grid with float32, float16 or bfloat16 scales.
+(tests/native/test_gptq_columns.py) for the plain integer grid with float32, float16 or bfloat16 scales.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from lowbit.kernels import native
+from lowbit import native
 
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MIN_ROWS_PER_THREAD = 256  # below this a second thread costs more than it saves
@@ -54,7 +54,7 @@ def gptq_columns(
     """
     lib = _lib()
     if lib is None or scale_dtype not in SCALE_KINDS:
-        raise RuntimeError("the native GPTQ column loop is not available (see lowbit.kernels.native)")
+        raise RuntimeError("the native GPTQ column loop is not available (see lowbit.native)")
     nb, rows = W1T.shape
     for t in (W1T, U1, s, Q, E) + (() if z is None else (z,)):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
