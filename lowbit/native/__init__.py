@@ -22,7 +22,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 SOURCES = Path(__file__).parent / "csrc"
 # No fused multiply-add, no reassociation: the C loops must reproduce torch's float32 arithmetic exactly.
@@ -38,8 +42,14 @@ def cache_dir() -> Path:
 
 def _compiler() -> str | None:
     """The C compiler: ``$CC`` if set, else the first of cc, gcc, clang on PATH."""
-    if os.environ.get("CC"):
-        return shutil.which(os.environ["CC"])
+    return _find_compiler(os.environ.get("CC"))
+
+
+@functools.lru_cache(maxsize=None)
+def _find_compiler(cc: str | None) -> str | None:
+    """:func:`_compiler` for one value of ``$CC``, looked up once (kernels are looked up on every call)."""
+    if cc:
+        return shutil.which(cc)
     return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
@@ -68,23 +78,53 @@ def load(name: str) -> ctypes.CDLL | None:
     return None if cc is None else _build(name, cc)
 
 
+BUILD_ERRORS: dict[str, str] = {}  # name -> why its last build failed (the compiler's message), for debugging
+
+
 @functools.lru_cache(maxsize=None)
 def _build(name: str, cc: str) -> ctypes.CDLL | None:
     """:func:`load` with compiler ``cc``: once per process, and once per machine thanks to the cache."""
     source = (SOURCES / f"{name}.c").read_text()
-    key = hashlib.sha256("\0".join([source, " ".join(FLAGS), cc, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{name}-{key}.so"
+    headers = "".join(h.read_text() for h in sorted(SOURCES.glob("*.h")))
+    key = hashlib.sha256("\0".join([source, headers, " ".join(FLAGS), cc, platform.machine(), _cpu_flags()]).encode())
+    target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
-                src.write_text(source)
-                subprocess.run([cc, *FLAGS, str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
+                lib = Path(tmp) / f"{name}.so"
+                subprocess.run([cc, *FLAGS, f"-I{SOURCES}", str(SOURCES / f"{name}.c"), "-o", str(lib)],
+                               check=True, capture_output=True, text=True, timeout=120)
                 os.replace(lib, target)
-        except (OSError, subprocess.SubprocessError):
+        except subprocess.CalledProcessError as exc:
+            BUILD_ERRORS[name] = exc.stderr
+            return None
+        except (OSError, subprocess.SubprocessError) as exc:
+            BUILD_ERRORS[name] = str(exc)
             return None
     try:
         return ctypes.CDLL(str(target))
-    except OSError:
+    except OSError as exc:
+        BUILD_ERRORS[name] = str(exc)
         return None
+
+# Scale storage dtypes the kernels round to (csrc: to_kind): the code passed for each.
+SCALE_KINDS: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ALIGN = 16  # row slices start on 64-byte cache lines of float32 rows: two threads never write the same line
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def over_row_slices(run: Callable[[int, int], None], rows: int, threads: int, min_rows: int) -> None:
+    """Call ``run(r0, r1)`` on ``threads`` slices of ``rows`` at once (fewer when a slice would have under
+    ``min_rows`` rows), for C kernels whose rows are independent: ctypes releases the GIL during each call."""
+    n = max(1, min(threads, rows // max(min_rows, 1)))
+    if n == 1:
+        run(0, rows)
+        return
+    global _pool
+    if _pool is None or _pool._max_workers < n:  # noqa: SLF001 - grow the pool when more threads are asked for
+        _pool = ThreadPoolExecutor(n, thread_name_prefix="lowbit-native")
+    bounds = [min(rows, rows * k // n // ALIGN * ALIGN) for k in range(n)] + [rows]
+    for f in [_pool.submit(run, a, b) for a, b in zip(bounds, bounds[1:])]:
+        f.result()

@@ -7,17 +7,12 @@ The torch loop in lowbit/quantize/gptq.py is the reference and the fallback; thi
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from lowbit import native
 
-SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MIN_ROWS_PER_THREAD = 256  # below this a second thread costs more than it saves
-ALIGN = 16  # row slices start on 64-byte cache lines: two threads never write the same line
-
-_pool: ThreadPoolExecutor | None = None
 
 
 def _lib() -> ctypes.CDLL | None:
@@ -32,7 +27,7 @@ def _lib() -> ctypes.CDLL | None:
 
 def available(scale_dtype: torch.dtype) -> bool:
     """Whether the C loop can run for scales stored in ``scale_dtype`` (compiler found, build succeeded)."""
-    return scale_dtype in SCALE_KINDS and _lib() is not None
+    return scale_dtype in native.SCALE_KINDS and _lib() is not None
 
 
 def gptq_columns(
@@ -53,7 +48,7 @@ def gptq_columns(
         threads: row slices computed at once (rows are independent; the GIL is released in the C call).
     """
     lib = _lib()
-    if lib is None or scale_dtype not in SCALE_KINDS:
+    if lib is None or scale_dtype not in native.SCALE_KINDS:
         raise RuntimeError("the native GPTQ column loop is not available (see lowbit.native)")
     nb, rows = W1T.shape
     for t in (W1T, U1, s, Q, E) + (() if z is None else (z,)):
@@ -66,7 +61,7 @@ def gptq_columns(
     if z is not None and z.shape != s.shape:
         raise ValueError(f"z {tuple(z.shape)} must be shaped like s {tuple(s.shape)}")
     s_step = rows if s.dim() == 2 else 0
-    kind = SCALE_KINDS[scale_dtype]
+    kind = native.SCALE_KINDS[scale_dtype]
 
     def run(r0: int, r1: int) -> None:
         off = 4 * r0  # bytes
@@ -74,13 +69,4 @@ def gptq_columns(
                          s.data_ptr() + off, s_step, None if z is None else z.data_ptr() + off, s_step,
                          qmin, qmax, kind, Q.data_ptr() + off, E.data_ptr() + off)
 
-    n = max(1, min(threads, rows // MIN_ROWS_PER_THREAD))
-    if n == 1:
-        run(0, rows)
-        return
-    global _pool
-    if _pool is None or _pool._max_workers < n:  # noqa: SLF001 - grow the pool when more threads are asked for
-        _pool = ThreadPoolExecutor(n, thread_name_prefix="lowbit-gptq")
-    bounds = [min(rows, rows * k // n // ALIGN * ALIGN) for k in range(n)] + [rows]
-    for f in [_pool.submit(run, a, b) for a, b in zip(bounds, bounds[1:])]:
-        f.result()
+    native.over_row_slices(run, rows, threads, MIN_ROWS_PER_THREAD)

@@ -13,43 +13,8 @@
  * independent (a row's codes and updates depend only on that row), so two calls on disjoint rows may run
  * at once. */
 #include <stdint.h>
-#include <string.h>
 
-static inline float round_half_even(float x) {
-    /* Adding and subtracting 2^23 rounds to an integer in the current (nearest-even) mode for |x| < 2^23;
-     * beyond that every float is an integer already (and inf / nan pass through). */
-    const float big = 8388608.0f;
-    float a = x < 0 ? -x : x;
-    if (a < big) {
-        float y = x < 0 ? -big : big;
-        return (x + y) - y;
-    }
-    return x;
-}
-
-static inline uint32_t bits_of(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
-static inline float float_of(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
-
-static inline float to_float16(float x) {
-    /* The float32 value of x rounded to IEEE binary16, ties to even (what torch's .to(float16) gives). */
-    uint32_t u = bits_of(x), sign = u & 0x80000000u, a = u & 0x7fffffffu;
-    if (a >= 0x7f800000u) return x;                       /* inf, nan */
-    if (a < 0x38800000u) {                                /* below 2^-14: binary16 subnormal, quantum 2^-24 */
-        float m = float_of(a) * 16777216.0f;              /* exact: a power-of-two scaling */
-        return float_of(bits_of(round_half_even(m) * 5.9604644775390625e-08f) | sign);
-    }
-    a = (a + 0x0fffu + ((a >> 13) & 1u)) & ~0x1fffu;      /* keep 10 mantissa bits, ties to even */
-    if (a > 0x477fe000u) a = 0x7f800000u;                 /* above 65504: overflow to inf */
-    return float_of(a | sign);
-}
-
-static inline float to_bfloat16(float x) {
-    /* The float32 value of x rounded to bfloat16, ties to even (what torch's .to(bfloat16) gives). */
-    uint32_t u = bits_of(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return x;       /* nan */
-    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    return float_of(u);
-}
+#include "float_rounding.h"
 
 /* Columns [i0, i1) of a block of nb columns.
  *   W1T  [nb, ld]  the block, updated in place (later columns receive the compensation)
@@ -58,25 +23,42 @@ static inline float to_bfloat16(float x) {
  *   z    zero points (float) likewise, or NULL for a symmetric grid
  *   kind 0: scales kept in float32, 1: dequantized values rounded to float16, 2: to bfloat16
  *   Q, E [nb, ld]  outputs: grid values and scaled errors (w - dq) / U1[i, i] of each column */
+/* Quantize one column w [rows] on the grid (s, z per row) and write its grid values q and scaled errors
+ * e = (w - dq) / d. Inlined with constant has_zero and kind (see quantize_column_for): a branch-free loop. */
+static inline __attribute__((always_inline)) void quantize_column(const float *w, int64_t rows, const float *s,
+                                                                  const float *z, float qmin, float qmax, float d,
+                                                                  int kind, int has_zero, float *q, float *e) {
+    for (int64_t r = 0; r < rows; r++) {
+        float v = round_half_even(w[r] / s[r]);
+        if (has_zero) v = v + z[r];
+        v = v < qmin ? qmin : v;
+        v = v > qmax ? qmax : v;
+        float dq = to_kind((has_zero ? v - z[r] : v) * s[r], kind);
+        q[r] = v;
+        e[r] = (w[r] - dq) / d;
+    }
+}
+
+static void quantize_column_for(const float *w, int64_t rows, const float *s, const float *z, float qmin, float qmax,
+                                float d, int kind, float *q, float *e) {
+    switch (kind * 2 + (z != 0)) {
+        case 0: quantize_column(w, rows, s, z, qmin, qmax, d, 0, 0, q, e); break;
+        case 1: quantize_column(w, rows, s, z, qmin, qmax, d, 0, 1, q, e); break;
+        case 2: quantize_column(w, rows, s, z, qmin, qmax, d, 1, 0, q, e); break;
+        case 3: quantize_column(w, rows, s, z, qmin, qmax, d, 1, 1, q, e); break;
+        case 4: quantize_column(w, rows, s, z, qmin, qmax, d, 2, 0, q, e); break;
+        default: quantize_column(w, rows, s, z, qmin, qmax, d, 2, 1, q, e); break;
+    }
+}
+
 void gptq_columns(float *W1T, int64_t ld, int64_t rows, const float *U1, int64_t ldu, int64_t nb,
                   int64_t i0, int64_t i1, const float *s, int64_t s_step, const float *z, int64_t z_step,
                   float qmin, float qmax, int kind, float *Q, float *E) {
     for (int64_t i = i0; i < i1; i++) {
-        const float *w = W1T + i * ld, *si = s + i * s_step, *zi = z ? z + i * z_step : 0;
-        const float d = U1[i * ldu + i];
-        float *q = Q + i * ld, *e = E + i * ld;
-        for (int64_t r = 0; r < rows; r++) {
-            float v = round_half_even(w[r] / si[r]);
-            if (zi) v = v + zi[r];
-            v = v < qmin ? qmin : v;
-            v = v > qmax ? qmax : v;
-            float dq = (zi ? v - zi[r] : v) * si[r];
-            if (kind == 1) dq = to_float16(dq);
-            else if (kind == 2) dq = to_bfloat16(dq);
-            q[r] = v;
-            e[r] = (w[r] - dq) / d;
-        }
-        for (int64_t k = i + 1; k < nb; k++) {
+        float *e = E + i * ld;
+        quantize_column_for(W1T + i * ld, rows, s + i * s_step, z ? z + i * z_step : 0, qmin, qmax, U1[i * ldu + i],
+                            kind, Q + i * ld, e);
+        for (int64_t k = i + 1; k < nb; k++) {  /* the rank-1 update: a product, then a difference */
             const float u = U1[i * ldu + k];
             float *wk = W1T + k * ld;
             for (int64_t r = 0; r < rows; r++) {
