@@ -19,9 +19,11 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -40,17 +42,20 @@ def cache_dir() -> Path:
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "lowbit") / "native"
 
 
-def _compiler() -> str | None:
-    """The C compiler: ``$CC`` if set, else the first of cc, gcc, clang on PATH."""
+def _compiler() -> tuple[str, ...] | None:
+    """The C compiler command: ``$CC`` if set (it may carry arguments, e.g. "ccache gcc"), else the first of
+    cc, gcc, clang on PATH; None when there is none."""
     return _find_compiler(os.environ.get("CC"))
 
 
 @functools.lru_cache(maxsize=None)
-def _find_compiler(cc: str | None) -> str | None:
+def _find_compiler(cc: str | None) -> tuple[str, ...] | None:
     """:func:`_compiler` for one value of ``$CC``, looked up once (kernels are looked up on every call)."""
     if cc:
-        return shutil.which(cc)
-    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+        args = shlex.split(cc)
+        path = shutil.which(args[0]) if args else None
+        return None if path is None else (path, *args[1:])
+    return next(((p,) for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
 def _cpu_flags() -> str:
@@ -82,18 +87,19 @@ BUILD_ERRORS: dict[str, str] = {}  # name -> why its last build failed (the comp
 
 
 @functools.lru_cache(maxsize=None)
-def _build(name: str, cc: str) -> ctypes.CDLL | None:
-    """:func:`load` with compiler ``cc``: once per process, and once per machine thanks to the cache."""
+def _build(name: str, cc: tuple[str, ...]) -> ctypes.CDLL | None:
+    """:func:`load` with compiler command ``cc``: once per process (a failure too: a process that could not
+    build a kernel does not retry), and once per machine thanks to the cache."""
     source = (SOURCES / f"{name}.c").read_text()
     headers = "".join(h.read_text() for h in sorted(SOURCES.glob("*.h")))
-    key = hashlib.sha256("\0".join([source, headers, " ".join(FLAGS), cc, platform.machine(), _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([source, headers, " ".join(FLAGS), " ".join(cc), platform.machine(), _cpu_flags()]).encode())
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 lib = Path(tmp) / f"{name}.so"
-                subprocess.run([cc, *FLAGS, f"-I{SOURCES}", str(SOURCES / f"{name}.c"), "-o", str(lib)],
+                subprocess.run([*cc, *FLAGS, f"-I{SOURCES}", str(SOURCES / f"{name}.c"), "-o", str(lib)],
                                check=True, capture_output=True, text=True, timeout=120)
                 os.replace(lib, target)
         except subprocess.CalledProcessError as exc:
@@ -110,21 +116,23 @@ def _build(name: str, cc: str) -> ctypes.CDLL | None:
 
 # Scale storage dtypes the kernels round to (csrc: to_kind): the code passed for each.
 SCALE_KINDS: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ALIGN = 16  # row slices start on 64-byte cache lines of float32 rows: two threads never write the same line
+ALIGN = 16  # row slices start at multiples of 16 rows: on 64-byte lines when the row count is a multiple of 16
 
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
 def over_row_slices(run: Callable[[int, int], None], rows: int, threads: int, min_rows: int) -> None:
     """Call ``run(r0, r1)`` on ``threads`` slices of ``rows`` at once (fewer when a slice would have under
     ``min_rows`` rows), for C kernels whose rows are independent: ctypes releases the GIL during each call."""
-    n = max(1, min(threads, rows // max(min_rows, 1)))
+    n = max(1, min(threads, os.cpu_count() or 1, rows // max(min_rows, 1)))
     if n == 1:
         run(0, rows)
         return
     global _pool
-    if _pool is None or _pool._max_workers < n:  # noqa: SLF001 - grow the pool when more threads are asked for
-        _pool = ThreadPoolExecutor(n, thread_name_prefix="lowbit-native")
+    with _pool_lock:  # one pool for the process, as many threads as cores
+        if _pool is None:
+            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="lowbit-native")
     bounds = [min(rows, rows * k // n // ALIGN * ALIGN) for k in range(n)] + [rows]
     for f in [_pool.submit(run, a, b) for a, b in zip(bounds, bounds[1:])]:
         f.result()

@@ -44,7 +44,8 @@ def gptq_columns(
         z: float32 zero points shaped like ``s``, or None for a symmetric grid.
         qmin, qmax: the integer grid's range (zero point included for asymmetric grids).
         scale_dtype: float32, float16 or bfloat16; dequantized values are rounded to it as stored scales give.
-        Q, E: float32 ``[nb, rows]`` contiguous outputs: grid values and errors ``(w - dq) / U1[i, i]``.
+        Q, E: float32 ``[nb, rows]`` contiguous outputs: grid values and errors ``(w - dq) / U1[i, i]``
+            (three separate tensors: overlapping W1T, Q and E would give wrong numbers).
         threads: row slices computed at once (rows are independent; the GIL is released in the C call).
     """
     lib = _lib()
@@ -54,7 +55,7 @@ def gptq_columns(
     for t in (W1T, U1, s, Q, E) + (() if z is None else (z,)):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError("gptq_columns needs contiguous float32 CPU tensors")
-    if U1.shape != (nb, nb) or Q.shape != W1T.shape or E.shape != W1T.shape or s.shape[-1] != rows:
+    if U1.shape != (nb, nb) or Q.shape != W1T.shape or E.shape != W1T.shape or s.shape not in ((rows,), (nb, rows)):
         raise ValueError(f"shapes do not match: W1T {tuple(W1T.shape)}, U1 {tuple(U1.shape)}, s {tuple(s.shape)}")
     if not 0 <= i0 <= i1 <= nb:
         raise ValueError(f"columns {i0}..{i1} outside a block of {nb}")

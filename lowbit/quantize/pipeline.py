@@ -351,9 +351,9 @@ def quantize_model(
     size_before = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
     base = model_scheme(fmodel, table, recipe)
-    if progress and recipe.method == "gptq" and native.enabled() and not gptq_columns.available(scale_dtype):
-        tqdm.write("note: no C compiler found (set CC, or install gcc): GPTQ's column loop runs in torch, "
-                   "the same results more slowly", file=sys.stderr)
+    if progress and recipe.method == "gptq" and device == "cpu" and native.enabled() and not gptq_columns.available(scale_dtype):
+        tqdm.write("note: GPTQ's C column loop could not be built (no C compiler: install gcc or set CC; or see "
+                   "lowbit.native.BUILD_ERRORS): it runs in torch, the same results more slowly", file=sys.stderr)
     allocated, rates = None, None
     if recipe.baq is not None:
         t1 = time.perf_counter()

@@ -37,12 +37,15 @@ def test_the_kernel_builds_here() -> None:
         (WeightScheme(bits=4, strategy="group", group_size=64, symmetric=False), RoundingOptions()),
         (WeightScheme(bits=2, strategy="channel", group_size=None, symmetric=False), RoundingOptions(order="natural", block_size=16)),
         (WeightScheme(bits=8, strategy="tensor", group_size=None), RoundingOptions()),
+        (WeightScheme(bits=4, strategy="tensor", group_size=None, symmetric=False), RoundingOptions()),
     ],
-    ids=["4b-g64-gar-mse", "3b-g32-asym-gar", "4b-g64-asym-actorder-static", "2b-channel-asym", "8b-tensor"],
+    ids=["4b-g64-gar-mse", "3b-g32-asym-gar", "4b-g64-asym-actorder-static", "2b-channel-asym", "8b-tensor",
+         "4b-tensor-asym"],
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_loop_equals_torch_loop_bit_for_bit(
-    scheme: WeightScheme, options: RoundingOptions, scale_dtype: torch.dtype, threads: int
+    scheme: WeightScheme, options: RoundingOptions, scale_dtype: torch.dtype, threads: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Codes, scales, zero points and row losses identical; 600 rows split across threads off the 16-row grain."""
     W, H = _problem(5, out=600)
@@ -53,6 +56,11 @@ def test_native_loop_equals_torch_loop_bit_for_bit(
     static = options.static_groups or scheme.strategy != "group"
     params = compute_params(W, scheme, scale_dtype, 1.0) if static else None
     ref = G._column_loop(W.clone(), U, perm, scheme, scale_dtype, options, params, threads, native_loop=False)
+
+    def no_torch_loop(*args: object) -> None:
+        raise AssertionError("the torch loop ran instead of the C one")
+
+    monkeypatch.setattr(G, "_block_torch", no_torch_loop)
     out = G._column_loop(W.clone(), U, perm, scheme, scale_dtype, options, params, threads, native_loop=True)
     assert torch.equal(out[0], ref[0])
     assert torch.equal(out[1].scale, ref[1].scale)
@@ -80,7 +88,7 @@ def test_dequantized_values_round_like_torch(scale_dtype: torch.dtype) -> None:
     q = torch.randint(-8, 8, (n,), generator=g).float()
     s = torch.cat([s, _tie_points(scale_dtype, n, g).abs().clamp_min(1e-30), torch.tensor([65504.0, 65520.0, 3e38])])
     q = torch.cat([q, torch.ones(n), torch.tensor([1.0, 1.0, 7.0])])
-    w = q * s  # exactly representable: the loop's q is this q
+    w = q * s  # round(w / s) gives this q back (|q| <= 8)
     W1T, U1 = w[None].clone(), torch.ones(1, 1)
     Q, E = torch.empty_like(W1T), torch.empty_like(W1T)
     gptq_columns.gptq_columns(W1T, U1, 0, 1, s.contiguous(), None, -8.0, 7.0, scale_dtype, Q, E)
@@ -88,6 +96,28 @@ def test_dequantized_values_round_like_torch(scale_dtype: torch.dtype) -> None:
     expected = w - (q * s).to(scale_dtype).float()  # inf - inf where the product overflows: nan in both
     assert bool(((E[0] == expected) | (E[0].isnan() & expected.isnan())).all())
     assert bool(expected.isinf().any() or expected.isnan().any())  # the overflow was exercised
+
+
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES, ids=str)
+def test_ties_and_special_values_round_like_torch(scale_dtype: torch.dtype) -> None:
+    """``w / s`` exactly halfway between integers (ties to even), signed zeros, inf and nan, with a zero point."""
+    k = torch.arange(-12, 12).float()
+    w = torch.cat([k + 0.5, k, torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e30, -1e30])])
+    s = torch.full_like(w, 1.0).mul_(torch.tensor(0.25).to(scale_dtype).float())  # a power of two: w * s exact
+    w = w * s
+    rows = w.numel()
+    z = torch.full_like(w, 3.0)
+    for zero in (None, z):
+        W1T, U1 = w[None].clone(), torch.ones(1, 1)
+        Q, E = torch.empty_like(W1T), torch.empty_like(W1T)
+        gptq_columns.gptq_columns(W1T, U1, 0, 1, s, zero, -8.0, 7.0, scale_dtype, Q, E)
+        q = torch.div(w, s).round()
+        if zero is not None:
+            q = q + zero
+        q = q.clamp(-8, 7)
+        dq = ((q if zero is None else q - zero) * s).to(scale_dtype).float()
+        same = lambda a, b: bool(((a == b) | (a.isnan() & b.isnan())).all())  # noqa: E731 - -0 == 0: the sign of a zero may differ
+        assert same(Q[0], q) and same(E[0], w - dq), rows
 
 
 def test_switched_off_or_without_compiler_gptq_runs_in_torch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,12 +135,23 @@ def test_switched_off_or_without_compiler_gptq_runs_in_torch(monkeypatch: pytest
     assert native.load("gptq_columns") is None
 
 
+def test_a_compiler_command_with_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """``CC`` may carry arguments ("ccache gcc", "gcc -m64"): the command is split, not looked up whole."""
+    cc = native._compiler()
+    assert cc is not None
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", f"{cc[0]} -Wall")
+    assert native._compiler() == (cc[0], "-Wall")
+    assert native.load("gptq_columns") is not None
+
+
 def test_a_build_failure_is_no_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """A source that does not compile gives None (and leaves nothing half-written in the cache)."""
     monkeypatch.setattr(native, "SOURCES", tmp_path)
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "broken.c").write_text("this is not C\n")
     assert native.load("broken") is None
+    assert "error" in native.BUILD_ERRORS["broken"]  # the compiler's message is kept for whoever debugs it
     assert not list((tmp_path / "cache").rglob("*.so"))
 
 
@@ -121,3 +162,9 @@ def test_wrong_inputs_are_refused() -> None:
         gptq_columns.gptq_columns(W1T.double(), U1, 0, 4, torch.ones(32), None, -8, 7, torch.float16, Q, E)
     with pytest.raises(ValueError, match="shapes"):
         gptq_columns.gptq_columns(W1T, torch.eye(3), 0, 4, torch.ones(32), None, -8, 7, torch.float16, Q, E)
+    with pytest.raises(ValueError, match="shapes"):  # one scale row per block column, not fewer
+        gptq_columns.gptq_columns(W1T, U1, 0, 4, torch.ones(2, 32), None, -8, 7, torch.float16, Q, E)
+    with pytest.raises(ValueError, match="outside"):
+        gptq_columns.gptq_columns(W1T, U1, 0, 5, torch.ones(32), None, -8, 7, torch.float16, Q, E)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        gptq_columns.gptq_columns(W1T, U1, 0, 4, torch.ones(64)[::2], None, -8, 7, torch.float16, Q, E)

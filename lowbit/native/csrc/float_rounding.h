@@ -1,7 +1,8 @@
 /* Float32 rounding helpers shared by the C kernels, written branch-free (selects only) so the loops that
  * call them vectorise. Each gives exactly what torch gives on the CPU:
- *   round_half_even(x)  torch.round (ties to even); the sign of a zero result may differ (-0 vs +0),
- *                       which no later operation of the kernels can tell apart
+ *   round_half_even(x)  torch.round (ties to even), except that a zero result may have the other sign
+ *                       (+0 for x in (-0.5, 0)); the kernels' outputs may then hold +0 where torch has -0
+ *                       or the reverse, equal as numbers (and as int codes)
  *   to_float16(x)       x.to(torch.float16).float(): ties to even, subnormals, overflow to inf
  *   to_bfloat16(x)      x.to(torch.bfloat16).float(): ties to even
  *   to_kind(x, kind)    kind 0: x, 1: to_float16, 2: to_bfloat16 (lowbit/native SCALE_KINDS) */

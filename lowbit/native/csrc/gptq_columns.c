@@ -16,13 +16,6 @@
 
 #include "float_rounding.h"
 
-/* Columns [i0, i1) of a block of nb columns.
- *   W1T  [nb, ld]  the block, updated in place (later columns receive the compensation)
- *   U1   [nb, ldu] the block of the upper inverse-Hessian factor, row-major
- *   s    scales of the rows, column i at s + i * s_step (s_step 0: one scale vector for all columns)
- *   z    zero points (float) likewise, or NULL for a symmetric grid
- *   kind 0: scales kept in float32, 1: dequantized values rounded to float16, 2: to bfloat16
- *   Q, E [nb, ld]  outputs: grid values and scaled errors (w - dq) / U1[i, i] of each column */
 /* Quantize one column w [rows] on the grid (s, z per row) and write its grid values q and scaled errors
  * e = (w - dq) / d. Inlined with constant has_zero and kind (see quantize_column_for): a branch-free loop. */
 static inline __attribute__((always_inline)) void quantize_column(const float *w, int64_t rows, const float *s,
@@ -51,6 +44,13 @@ static void quantize_column_for(const float *w, int64_t rows, const float *s, co
     }
 }
 
+/* Columns [i0, i1) of a block of nb columns.
+ *   W1T  [nb, ld]  the block, updated in place (later columns receive the compensation)
+ *   U1   [nb, ldu] the block of the upper inverse-Hessian factor, row-major
+ *   s    scales of the rows, column i at s + i * s_step (s_step 0: one scale vector for all columns)
+ *   z    zero points (float) likewise, or NULL for a symmetric grid
+ *   kind 0: scales kept in float32, 1: dequantized values rounded to float16, 2: to bfloat16
+ *   Q, E [nb, ld]  outputs: grid values and scaled errors (w - dq) / U1[i, i] of each column */
 void gptq_columns(float *W1T, int64_t ld, int64_t rows, const float *U1, int64_t ldu, int64_t nb,
                   int64_t i0, int64_t i1, const float *s, int64_t s_step, const float *z, int64_t z_step,
                   float qmin, float qmax, int kind, float *Q, float *E) {
