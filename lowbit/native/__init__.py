@@ -114,6 +114,7 @@ def _build(name: str, cc: tuple[str, ...]) -> ctypes.CDLL | None:
         BUILD_ERRORS[name] = str(exc)
         return None
 
+
 # Scale storage dtypes the kernels round to (csrc: to_kind): the code passed for each.
 SCALE_KINDS: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ALIGN = 16  # row slices start at multiples of 16 rows: on 64-byte lines when the row count is a multiple of 16
