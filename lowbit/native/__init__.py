@@ -28,8 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 SOURCES = Path(__file__).parent / "csrc"
 # No fused multiply-add, no reassociation: the C loops must reproduce torch's float32 arithmetic exactly.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
@@ -91,15 +89,14 @@ def _build(name: str, cc: tuple[str, ...]) -> ctypes.CDLL | None:
     """:func:`load` with compiler command ``cc``: once per process (a failure too: a process that could not
     build a kernel does not retry), and once per machine thanks to the cache."""
     source = (SOURCES / f"{name}.c").read_text()
-    headers = "".join(h.read_text() for h in sorted(SOURCES.glob("*.h")))
-    key = hashlib.sha256("\0".join([source, headers, " ".join(FLAGS), " ".join(cc), platform.machine(), _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([source, " ".join(FLAGS), " ".join(cc), platform.machine(), _cpu_flags()]).encode())
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 lib = Path(tmp) / f"{name}.so"
-                subprocess.run([*cc, *FLAGS, f"-I{SOURCES}", str(SOURCES / f"{name}.c"), "-o", str(lib)],
+                subprocess.run([*cc, *FLAGS, str(SOURCES / f"{name}.c"), "-o", str(lib)],
                                check=True, capture_output=True, text=True, timeout=120)
                 os.replace(lib, target)
         except subprocess.CalledProcessError as exc:
@@ -115,8 +112,6 @@ def _build(name: str, cc: tuple[str, ...]) -> ctypes.CDLL | None:
         return None
 
 
-# Scale storage dtypes the kernels round to (csrc: to_kind): the code passed for each.
-SCALE_KINDS: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ALIGN = 16  # row slices start at multiples of 16 rows: on 64-byte lines when the row count is a multiple of 16
 
 _pool: ThreadPoolExecutor | None = None

@@ -12,6 +12,8 @@ import torch
 
 from lowbit import native
 
+# Scale storage dtypes the kernel rounds dequantized values to (csrc: to_kind), and the code passed for each.
+SCALE_KINDS: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MIN_ROWS_PER_THREAD = 256  # below this a second thread costs more than it saves
 
 
@@ -27,7 +29,7 @@ def _lib() -> ctypes.CDLL | None:
 
 def available(scale_dtype: torch.dtype) -> bool:
     """Whether the C loop can run for scales stored in ``scale_dtype`` (compiler found, build succeeded)."""
-    return scale_dtype in native.SCALE_KINDS and _lib() is not None
+    return scale_dtype in SCALE_KINDS and _lib() is not None
 
 
 def gptq_columns(
@@ -49,7 +51,7 @@ def gptq_columns(
         threads: row slices computed at once (rows are independent; the GIL is released in the C call).
     """
     lib = _lib()
-    if lib is None or scale_dtype not in native.SCALE_KINDS:
+    if lib is None or scale_dtype not in SCALE_KINDS:
         raise RuntimeError("the native GPTQ column loop is not available (see lowbit.native)")
     nb, rows = W1T.shape
     for t in (W1T, U1, s, Q, E) + (() if z is None else (z,)):
@@ -62,7 +64,7 @@ def gptq_columns(
     if z is not None and z.shape != s.shape:
         raise ValueError(f"z {tuple(z.shape)} must be shaped like s {tuple(s.shape)}")
     s_step = rows if s.dim() == 2 else 0
-    kind = native.SCALE_KINDS[scale_dtype]
+    kind = SCALE_KINDS[scale_dtype]
 
     def run(r0: int, r1: int) -> None:
         off = 4 * r0  # bytes

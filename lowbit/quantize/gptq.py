@@ -205,6 +205,9 @@ def _column_loop(
     generic = params is not None and not scheme.is_plain_int
     use_native = not generic and native_loop and W.device.type == "cpu" and gptq_columns.available(scale_dtype)
     Wp = W[:, perm]  # [rows, in] in processing order
+    if static:  # per-column scale / zero in processing order, from each column's natural group: [rows, in]
+        s_all = expand_groups(scale, in_f)[:, perm].expand(out_f, -1)
+        z_all = None if zero is None else expand_groups(zero, in_f)[:, perm].float().expand(out_f, -1)
     codes = torch.empty(out_f, in_f, device=W.device)  # grid values (formats/grid.py), at natural column indices
     loss = torch.zeros(out_f, device=W.device)
 
@@ -223,9 +226,8 @@ def _column_loop(
         # The block's columns as rows (W1T [i2 - i1, rows]): each column is contiguous, and so is each
         # rank-1 update below (30 % faster than on [rows, cols] for the same elementwise arithmetic).
         W1T, U1 = Wp[:, i1:i2].t().contiguous(), U[i1:i2, i1:i2]
-        if static:  # per-column scale / zero of this block, natural group of each column
-            s_cols = expand_groups(scale, in_f)[:, perm[i1:i2]].expand(out_f, -1)
-            z_cols = None if zero is None else expand_groups(zero, in_f)[:, perm[i1:i2]].float().expand(out_f, -1)
+        if static:
+            s_cols, z_cols = s_all[:, i1:i2], (None if z_all is None else z_all[:, i1:i2])
         if use_native:  # the same arithmetic in C (native/gptq_columns.py), bit for bit
             Q, E = torch.empty_like(W1T), torch.empty_like(W1T)
             U1c = U1.contiguous()
