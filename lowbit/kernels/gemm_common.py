@@ -311,7 +311,9 @@ if triton is not None:
         ``EVEN_K`` (``other=0.0``: the interpreter cannot cast an integer 0 to float8).
         """
         if GROUP_MODE == 0:  # TILE_IN_GROUP: one load per row
-            g = (kt * BLOCK_K) // GROUP
+            # A [1, 1] tensor, not a scalar: triton 3.9's interpreter gives a scalar comparison an int32
+            # (not int1) mask, which tl.load rejects ("mask has unsupported dtype"); compiled, it is the same.
+            g = (kt * BLOCK_K) // GROUP + tl.zeros((1, 1), dtype=tl.int32)
             if EVEN_K:
                 t = tl.load(g_rows + g)
             else:
