@@ -137,6 +137,15 @@ class QuantLinear(nn.Module):
             x = fake_quantize_activation(x, self.act)
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
+    def kernel_args(self) -> tuple:
+        """The Triton kernel's name and this layer's arguments for it (kernels/triton_gemms.py), derived once per
+        device and dtype; ``()`` when no kernel covers the layer's format and activations."""
+        from lowbit.kernels import triton_gemms
+
+        if self._kernel_args is None:
+            self._kernel_args = triton_gemms.prepare(self.scheme, self.act, self.format, self.in_features, self._stored())
+        return self._kernel_args
+
     def _triton_forward(self, x: torch.Tensor, insist: bool) -> torch.Tensor | None:
         """The Triton GEMM for this layer's format on ``x [M, K]``, or None where no kernel covers it (or,
         unless ``insist``, where the kernel was measured slower than the fp16 matmul at this M)."""
@@ -144,11 +153,10 @@ class QuantLinear(nn.Module):
 
         if not x.is_contiguous():
             x = x.contiguous()
-        if self._kernel_args is None:
-            self._kernel_args = triton_gemms.prepare(self)
-        if self._kernel_args == () or not (insist or triton_gemms.wins(self._kernel_args[0], x.shape[0])):
+        args = self.kernel_args()
+        if args == () or not (insist or triton_gemms.wins(args[0], x.shape[0])):
             return None
-        return triton_gemms.run(self, x, self._kernel_args)
+        return triton_gemms.run(x, args)
 
     def extra_repr(self) -> str:
         a = "none" if self.act is None else f"{self.act.format}{self.act.bits}/{self.act.strategy}"

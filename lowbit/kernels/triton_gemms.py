@@ -1,6 +1,7 @@
 """Which Triton GEMM runs a QuantLinear, and the per-layer tensors it needs (docs/KERNELS.md).
 
-``prepare`` derives, once per layer and device, the extra tensors a kernel takes (unpacked zero points,
+``prepare`` derives, once per layer and device, from a layer's scheme and stored tensors (the buffers of a
+QuantLinear, which calls it: this module does not know the layer class), the extra tensors a kernel takes (unpacked zero points,
 float32 scale columns, the reciprocal of a global divisor) or returns ``()`` where no kernel covers the
 layer's format and activations; ``run`` launches. Kernel modules are imported here lazily so that the
 torch path never imports Triton.
@@ -8,14 +9,12 @@ torch path never imports Triton.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 import torch
 
+from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.formats.storage import DUAL, FLOAT8, FP6, FP8SCALE, INT, MXFP4, NVFP4, PACKED, unpack_zero
-
-if TYPE_CHECKING:
-    from lowbit.kernels.quant_linear import QuantLinear
 
 MX_BLOCK, NV_BLOCK = 32, 16
 # Where each kernel beat torch's fp16 matmul on the H200, on every Llama-2-7B / Llama-3-8B shape of
@@ -32,42 +31,40 @@ FASTER_THAN_FP16: dict[str, frozenset[int] | None] = {
     "w4a16": frozenset({1}), **{kind: frozenset() for kind in ("fp4", "fp6", "w8a8_int8", "w8a8_fp8", "a8w4", "int4_fp8")}
 }
 
-def _group(layer: "QuantLinear") -> int:
-    return layer.scheme.columns_per_scale(layer.in_features) if layer.scheme.strategy == "group" else layer.in_features
-
-
-def _zero(layer: "QuantLinear") -> torch.Tensor | None:
-    return unpack_zero(getattr(layer, "weight_zero_point", None), layer.format, layer.scheme.bits, layer.weight_scale.shape[0])
-
-
-def prepare(layer: "QuantLinear") -> tuple[Any, ...]:
-    """The kernel's name and per-layer arguments, or ``()`` when the layer takes the torch path."""
-    s, act, fmt = layer.scheme, layer.act, layer.format
+def prepare(
+    scheme: WeightScheme, act: ActScheme | None, fmt: str, in_features: int, stored: Mapping[str, torch.Tensor]
+) -> tuple[Any, ...]:
+    """The kernel's name and per-layer arguments for a layer of ``scheme`` / ``act`` stored as ``fmt`` (its
+    tensors ``stored``, by their checkpoint names), or ``()`` when the layer takes the torch path."""
+    s = scheme
     if s.strategy == "tensor":
         return ()
+    group = s.columns_per_scale(in_features)
+    scale = stored["weight_scale"]
+    zero = unpack_zero(stored.get("weight_zero_point"), fmt, s.bits, scale.shape[0])
     # INT4 kernels read whole int32 words (8 codes) that never straddle a group.
-    words_ok = layer.in_features % 8 == 0 and _group(layer) % 8 == 0
+    words_ok = in_features % 8 == 0 and group % 8 == 0
     if fmt in (PACKED, DUAL, FP8SCALE) and not words_ok:
         return ()
     if fmt == PACKED and s.bits == 4 and act is None:
-        return ("w4a16", layer.weight_packed, layer.weight_scale, _zero(layer), _group(layer))
+        return ("w4a16", stored["weight_packed"], scale, zero, group)
     if fmt in (INT, FLOAT8) and act is not None and s.strategy == "channel" and s.symmetric:
         if (fmt == INT) != (act.format == "int") or (fmt == FLOAT8 and s.fp != "e4m3"):
             return ()
         kind = "w8a8_int8" if fmt == INT else "w8a8_fp8"
-        return (kind, layer.weight, layer.weight_scale.float().reshape(-1, 1).contiguous())
-    if fmt == MXFP4 and act is None and _group(layer) == MX_BLOCK:
-        return ("fp4", layer.weight_packed, layer.weight_scale, None, MX_BLOCK)
-    if fmt == NVFP4 and act is None and _group(layer) == NV_BLOCK:
-        g = (1.0 / layer.weight_global_scale.float()).reshape(1).contiguous()  # stored as a divisor
-        return ("fp4", layer.weight_packed, layer.weight_scale, g, NV_BLOCK)
+        return (kind, stored["weight"], scale.float().reshape(-1, 1).contiguous())
+    if fmt == MXFP4 and act is None and group == MX_BLOCK:
+        return ("fp4", stored["weight_packed"], scale, None, MX_BLOCK)
+    if fmt == NVFP4 and act is None and group == NV_BLOCK:
+        g = (1.0 / stored["weight_global_scale"].float()).reshape(1).contiguous()  # stored as a divisor
+        return ("fp4", stored["weight_packed"], scale, g, NV_BLOCK)
     if fmt == FP6 and act is None and s.strategy == "channel":
-        return ("fp6", layer.weight_packed_hi2, layer.weight_packed_lo4, layer.weight_scale, s.fp)
+        return ("fp6", stored["weight_packed_hi2"], stored["weight_packed_lo4"], scale, s.fp)
     if fmt == DUAL and act is not None and act.format == "int":
-        return ("a8w4", layer.weight_packed, layer.weight_scale, _zero(layer), layer.weight_channel_scale, _group(layer))
+        return ("a8w4", stored["weight_packed"], scale, zero, stored["weight_channel_scale"], group)
     if fmt == FP8SCALE and act is not None and act.format == "float":
-        g = (1.0 / layer.weight_global_scale.float()).reshape(1).contiguous()
-        return ("int4_fp8", layer.weight_packed, layer.weight_scale, g, _group(layer))
+        g = (1.0 / stored["weight_global_scale"].float()).reshape(1).contiguous()
+        return ("int4_fp8", stored["weight_packed"], scale, g, group)
     return ()
 
 
@@ -82,7 +79,7 @@ def wins(kind: str, M: int) -> bool:
     return below in won and above in won
 
 
-def run(layer: "QuantLinear", x: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
+def run(x: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
     """``x [M, K]`` (contiguous, model dtype) through the prepared kernel: ``[M, N]`` in ``x.dtype``."""
     kind, rest = args[0], args[1:]
     out = x.dtype

@@ -14,7 +14,7 @@ scales belong to natural groups, so the checkpoint needs no runtime permutation 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -22,12 +22,10 @@ from lowbit.formats.grid import GridParams, compute_params, dequantize_values, r
 from lowbit.formats.int import compute_qparams, expand_groups, mse_clip
 from lowbit.formats.scheme import WeightScheme
 from lowbit.native import gptq_columns
+from lowbit.quantize.options import RoundingOptions
 from lowbit.quantize.refit import refit_group_scales
 from lowbit.quantize.rounding import RoundResult, register_rounder
 from lowbit.quantize.rtn import from_values, rtn_weight
-
-if TYPE_CHECKING:
-    from lowbit.quantize.recipe import RoundingOptions
 
 DAMP_STEP = 0.01  # GPTQModel's damp_auto_increment
 FLOOR_TRIES = 6  # diagonal floors 1e-6 .. 1e-1 of max|diag H|
@@ -78,7 +76,7 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor |
 
 
 def _group_params(
-    cols: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions"
+    cols: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: RoundingOptions
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point ``[out, 1]`` of one group of columns ``[out, g]``."""
     per_row = scheme.per_row()
@@ -105,15 +103,13 @@ def gptq(
     H: torch.Tensor | None,
     scheme: WeightScheme,
     scale_dtype: torch.dtype = torch.float32,
-    options: "RoundingOptions | None" = None,
+    options: RoundingOptions | None = None,
 ) -> RoundResult:
     """Quantize ``W [out, in]`` with GPTQ given ``H = X^T X / n`` (float32 ``[in, in]``).
 
     Never raises on a bad Hessian: damping is escalated, then a diagonal floor is added, and if the
     factorisation still fails (or the loss is not finite) the layer falls back to RTN; ``note`` says so.
     """
-    from lowbit.quantize.recipe import RoundingOptions
-
     options = options or RoundingOptions()
     if H is None:
         raise ValueError("gptq needs the input Hessian H")
@@ -126,7 +122,7 @@ def gptq(
 
 
 def _gptq(
-    W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: "RoundingOptions",
+    W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: RoundingOptions,
     threads: int = 1,
 ) -> RoundResult:
     """The body of :func:`gptq` (scheme already resolved for the layer); the factorisation and the scale
@@ -176,7 +172,7 @@ def _column_loop(
     perm: torch.Tensor,
     scheme: WeightScheme,
     scale_dtype: torch.dtype,
-    options: "RoundingOptions",
+    options: RoundingOptions,
     params: GridParams | None,
     threads: int = 1,
     native_loop: bool = True,

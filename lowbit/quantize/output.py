@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,9 +22,7 @@ import lowbit
 from lowbit.formats.checkpoint import WEIGHTS_FILE, LayerScheme, build_quantization_config, write_checkpoint
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.quantize.recipe import Recipe
-
-if TYPE_CHECKING:
-    from lowbit.quantize.pipeline import LayerResult
+from lowbit.quantize.results import LayerResult
 
 REPORT_FILE = "quantize_report.json"
 
@@ -50,7 +48,7 @@ def layer_schemes(model: nn.Module) -> tuple[dict[str, LayerScheme], list[str]]:
     return layers, ignore
 
 
-def report_dict(recipe: Recipe, layers: list["LayerResult"], model_dir: Path, calib: dict[str, Any]) -> dict[str, Any]:
+def report_dict(recipe: Recipe, layers: list[LayerResult], model_dir: Path, calib: dict[str, Any]) -> dict[str, Any]:
     """The deterministic content of quantize_report.json (no wall times: those go to the terminal)."""
     n_params = sum(l.params for l in layers)
     return {
@@ -79,7 +77,7 @@ def write_output(
     tokenizer: PreTrainedTokenizerBase,
     out: Path,
     recipe: Recipe,
-    layers: list["LayerResult"],
+    layers: list[LayerResult],
     model_dir: Path,
     calib: dict[str, Any],
     overwrite: bool,

@@ -17,97 +17,12 @@ import torch
 import yaml
 
 from lowbit.errors import LowbitError
-from lowbit.formats.scheme import INT_BITS, ActScheme, WeightScheme
+from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.quantize.methods import ROUNDERS
+from lowbit.quantize.options import BAQOptions, RoundingOptions
 
 
-ORDERS = ("actorder", "gar", "natural")
 SCALE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class RoundingOptions:
-    """Options of the rounding methods (GPTQ uses all; RTN uses the clipping search only).
-
-    Attributes:
-        damp: relative damping, added to H's diagonal as ``damp * mean(diag H)``.
-        block_size: GPTQ's lazy-update block (columns).
-        order: column order: "actorder" (descending diag H, with static groups), "gar" (group-aware:
-            groups by their largest diag H, columns inside a group by diag H) or "natural".
-        static_groups: group scales computed once from the original W (required with "actorder"); otherwise
-            each group's scale is computed when GPTQ reaches it, from the already-updated weights.
-        mse_clip: search each group's range shrink factor p in [1 - max_shrink, 1] that minimises
-            ``sum |Q(w) - w|^clip_norm`` (GPTQ's "MSE" option).
-        clip_grid, max_shrink, clip_norm: that search's grid size, range and norm.
-        clip_stride: 1 evaluates every candidate (the reference search); k > 1 every k-th, then the
-            k - 1 neighbours on each side of the best (formats/int.py ``mse_clip``), ~3x faster at k = 4.
-        refit_scales: after GPTQ, refit each row's group scales by least squares on its output error
-            ``(w - w_hat)^T H (w - w_hat)`` with the codes fixed (quantize/refit.py); plain int grids.
-    """
-
-    damp: float = 0.01
-    block_size: int = 128
-    order: str = "actorder"
-    static_groups: bool = True
-    mse_clip: bool = False
-    clip_grid: int = 100
-    max_shrink: float = 0.8
-    clip_norm: float = 2.4
-    clip_stride: int = 1
-    refit_scales: bool = False
-
-    def __post_init__(self) -> None:
-        if self.order not in ORDERS:
-            raise LowbitError(f"unknown rounding order {self.order!r}; valid: {', '.join(ORDERS)}")
-        if self.order == "actorder" and not self.static_groups:
-            raise LowbitError("order 'actorder' needs static_groups: true (the checkpoint keeps the natural group index)")
-        if not 0 <= self.damp < 1 or self.block_size < 1 or not 0 < self.max_shrink < 1 or self.clip_grid < 1 or self.clip_stride < 1:
-            raise LowbitError("rounding options out of range: 0 <= damp < 1, block_size >= 1, 0 < max_shrink < 1, clip_grid >= 1, clip_stride >= 1")
-
-
-SENSITIVITIES = ("fisher", "hessian")
-
-
-@dataclass(frozen=True)
-class BAQOptions:
-    """Bit allocation (BAQ) under an average budget.
-
-    Attributes:
-        avg_bits: the budget: average storage bits per quantized weight, codes plus scales and zero points.
-        widths: the integer code widths a layer may get.
-        theta: exponent of the loss model ``L(R) = L(R_ref) * 2^(-theta (R - R_ref))`` of the closed form.
-        samples: calibration windows used to measure the sensitivities (None: all of them).
-        group_sizes: group sizes a layer may use besides the recipe's (cheaper scales for a coarser group);
-            each is resolved per layer like the recipe's group (a group that does not divide a layer's
-            input falls back), so it only adds options where it fits.
-        asymmetric: also offer asymmetric grids (an integer zero point per group, counted in the cost).
-        sensitivity: "fisher" (default): each layer's error weighted by the Fisher diagonal of its outputs,
-            an estimate of the change of the model's loss, comparable across layers (one forward +
-            backward pass of the float model); "hessian": the plain per-layer proxy ``tr(dW H dW^T)``
-            (forward only; layers of different kinds are not on one scale).
-    """
-
-    avg_bits: float = 3.5
-    widths: tuple[int, ...] = (2, 3, 4, 8)
-    theta: float = 1.95
-    samples: int | None = 32
-    group_sizes: tuple[int, ...] = ()
-    asymmetric: bool = False
-    sensitivity: str = "fisher"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(sorted(self.widths)))
-        object.__setattr__(self, "group_sizes", tuple(sorted(self.group_sizes)))
-        if any(g <= 0 for g in self.group_sizes):
-            raise LowbitError(f"BAQ group_sizes must be positive, got {self.group_sizes}")
-        if not self.widths or any(b not in INT_BITS for b in self.widths):
-            raise LowbitError(f"BAQ widths must be a non-empty subset of {INT_BITS}, got {self.widths}")
-        if not self.widths[0] <= self.avg_bits:
-            raise LowbitError(f"avg_bits {self.avg_bits} is below the narrowest width {self.widths[0]}")
-        if self.theta <= 0 or (self.samples is not None and self.samples < 1):
-            raise LowbitError("BAQ theta must be > 0 and samples >= 1")
-        if self.sensitivity not in SENSITIVITIES:
-            raise LowbitError(f"BAQ sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}")
 
 
 @dataclass(frozen=True)

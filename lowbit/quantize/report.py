@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lowbit.errors import LowbitError
 from lowbit.formats.checkpoint import WEIGHTS_FILE, parse_quantization_config
 from lowbit.quantize.output import REPORT_FILE
-
-if TYPE_CHECKING:
-    from lowbit.quantize.pipeline import QuantizeResult
+from lowbit.quantize.results import QuantizeResult
 
 
 def human_bytes(n: float) -> str:
@@ -33,7 +31,7 @@ def _layer_line(l: dict[str, Any]) -> str:
     return f"  {l['name']:<40} {scheme:<28} out-err {l['output_rel_err']:.4f}  w-err {l['weight_rel_err']:.4f}"
 
 
-def print_summary(result: "QuantizeResult", top: int = 5) -> None:
+def print_summary(result: QuantizeResult, top: int = 5) -> None:
     """Print the end-of-run table: sizes, bits per weight, time, fallbacks, worst layers."""
     from dataclasses import asdict
 

@@ -8,15 +8,13 @@ the recipe's RoundingOptions, and returns a RoundResult. It touches no hooks, fi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import WeightScheme
-
-if TYPE_CHECKING:
-    from lowbit.quantize.recipe import RoundingOptions
+from lowbit.quantize.options import RoundingOptions
 
 
 @dataclass
@@ -39,7 +37,7 @@ class RoundResult:
 class RoundFn(Protocol):
     def __call__(
         self, W: torch.Tensor, H: torch.Tensor | None, scheme: WeightScheme, scale_dtype: torch.dtype,
-        options: "RoundingOptions",
+        options: RoundingOptions,
     ) -> RoundResult: ...
 
 
@@ -74,7 +72,7 @@ def round_together(
     H: torch.Tensor | None,
     scheme: WeightScheme,
     scale_dtype: torch.dtype,
-    options: "RoundingOptions",
+    options: RoundingOptions,
 ) -> list[RoundResult]:
     """Round several weights ``[out_i, in]`` that read the same input (one Hessian) with one call.
 

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from lowbit.formats.grid import GridParams, compute_params, round_values, values_to_codes
 from lowbit.formats.int import mse_clip
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import WeightScheme
+from lowbit.quantize.options import RoundingOptions
 from lowbit.quantize.rounding import RoundResult, register_rounder
-
-if TYPE_CHECKING:
-    from lowbit.quantize.recipe import RoundingOptions
 
 
 def rtn_weight(
-    W: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype = torch.float32, options: "RoundingOptions | None" = None
+    W: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype = torch.float32, options: RoundingOptions | None = None
 ) -> QuantizedWeight:
     """Quantize ``W [out, in]`` (any float dtype) by round-to-nearest, resolving the group fallback first.
 
@@ -44,7 +40,7 @@ def rtn(
     H: torch.Tensor | None,
     scheme: WeightScheme,
     scale_dtype: torch.dtype = torch.float32,
-    options: "RoundingOptions | None" = None,
+    options: RoundingOptions | None = None,
 ) -> RoundResult:
     """The registered RTN method; ``H`` is ignored."""
     return RoundResult(rtn_weight(W, scheme, scale_dtype, options))

@@ -180,7 +180,7 @@ def test_tensor_wide_scales_are_float32_on_the_weight_device() -> None:
 
 
 def test_round_together_keeps_one_global_scale_per_layer() -> None:
-    from lowbit.quantize.recipe import RoundingOptions
+    from lowbit.quantize.options import RoundingOptions
     from lowbit.quantize.rounding import ROUNDERS, round_together
 
     small, big = _w(seed=1) * 1e-3, _w(seed=2)  # FireQ pre-scales the small one by a power of two, not the big

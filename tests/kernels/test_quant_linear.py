@@ -137,13 +137,11 @@ def test_triton_path_matches_the_reference(name: str, dtype: torch.dtype, device
     Tolerance 1e-2 of max|y| for 16-bit outputs (one rounding of the output, different summation order),
     2e-3 for float32 (FP8 dots accumulate with ~14-bit partial sums on Hopper; exact on the interpreter).
     """
-    from lowbit.kernels import triton_gemms
-
     scheme, act = TRITON_LAYERS[name]
     torch.manual_seed(0)
     W, b = torch.randn(48, 128) * 0.05, torch.randn(48)
     layer = QuantLinear.from_quantized(rtn(W, scheme, dtype), act, dtype, b.to(dtype)).to(device)
-    assert triton_gemms.prepare(layer) != (), f"{name} has no Triton kernel"
+    assert layer.kernel_args() != (), f"{name} has no Triton kernel"
     x = torch.randn(2, 3, 128).to(dtype).to(device)
     layer.backend = Backend.TORCH
     expected = layer(x)
@@ -155,15 +153,13 @@ def test_triton_path_matches_the_reference(name: str, dtype: torch.dtype, device
 
 
 def test_layers_without_a_kernel_take_the_reference_path(device: str) -> None:
-    from lowbit.kernels import triton_gemms
-
     torch.manual_seed(0)
     scheme = WeightScheme(bits=3, strategy="group", group_size=32)
     layer = QuantLinear.from_quantized(rtn(torch.randn(16, 64), scheme), None, torch.float32).to(device)
-    assert triton_gemms.prepare(layer) == ()
+    assert layer.kernel_args() == ()
     # stories260K's 172-wide MLP input: INT4 words would straddle the row end, no kernel takes it
     w4 = QuantLinear.from_quantized(rtn(torch.randn(16, 172), WeightScheme(bits=4, strategy="channel", group_size=None)), None, torch.float32)
-    assert triton_gemms.prepare(w4) == ()
+    assert w4.kernel_args() == ()
     x = torch.randn(4, 64, device=device)
     layer.backend = Backend.TORCH
     expected = layer(x)

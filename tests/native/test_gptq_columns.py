@@ -10,7 +10,7 @@ from lowbit.formats.scheme import WeightScheme
 from lowbit import native
 from lowbit.native import gptq_columns
 from lowbit.quantize import gptq as G
-from lowbit.quantize.recipe import RoundingOptions
+from lowbit.quantize.options import RoundingOptions
 
 SCALE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -7,7 +7,7 @@ import torch
 
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.gptq import column_order, gptq, inverse_hessian_factor
-from lowbit.quantize.recipe import RoundingOptions
+from lowbit.quantize.options import RoundingOptions
 from lowbit.quantize.rtn import rtn_weight
 
 

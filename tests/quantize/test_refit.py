@@ -10,7 +10,7 @@ import torch
 from lowbit.formats.int import compute_qparams, quantize_codes
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.gptq import gptq
-from lowbit.quantize.recipe import RoundingOptions
+from lowbit.quantize.options import RoundingOptions
 from lowbit.quantize.refit import refit_group_scales
 
 
