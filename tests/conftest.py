@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,53 @@ STORIES = SHARED / "models" / "stories260K"
 
 # Every default data source points at the local copy (CI and our machines are offline).
 os.environ.setdefault("LOWBIT_DATA_DIR", str(DATA_DIR))
+
+
+# ---- requirements: skipped where something is missing, failed under CI -----------------------------------
+#
+# A test that needs something the checkout may lack (../shared, the dev extra, the default model's package)
+# says so with the marker ``@pytest.mark.requires(condition, what)`` (on a test, or as a module's
+# ``pytestmark``), or, where the condition is only known inside a fixture, by calling the ``require`` fixture:
+# ``require(condition, what)``. Where ``condition`` is false the test is skipped, unless the environment
+# variable CI is set (non-empty): then it fails, naming ``what``, so a green CI run never hides a test that
+# did not run.
+
+
+def require(condition: object, what: str) -> None:
+    """Skip the running test unless ``condition`` holds; under CI (``$CI`` non-empty) fail it instead."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"missing: {what} (CI is set, so a missing requirement fails instead of skipping)", pytrace=False)
+    pytest.skip(f"missing: {what}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "requires(condition, what): skip unless condition holds (fail under CI), naming what is missing"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Apply the ``requires`` markers before any fixture is set up (a module fixture may load what is missing)."""
+    for mark in item.iter_markers("requires"):
+        require(*mark.args, **mark.kwargs)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI any skipped test, whatever skipped it, fails the run: a green CI never hides a test that did not run."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter is not None else 0
+    if os.environ.get("CI") and skipped and exitstatus == pytest.ExitCode.OK:
+        reporter.write_line(f"CI is set and {skipped} test(s) were skipped: failing the run", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(name="require", scope="session")
+def require_fixture() -> Callable[[object, str], None]:
+    """:func:`require` for fixtures and tests whose condition is only known at run time."""
+    return require
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -22,10 +23,9 @@ def _shared_data() -> Path:
 
 
 @pytest.fixture
-def data_dir(monkeypatch: pytest.MonkeyPatch) -> Path:
+def data_dir(monkeypatch: pytest.MonkeyPatch, require: Callable[[object, str], None]) -> Path:
     folder = _shared_data()
-    if not (folder / "wikitext-2" / "test_rows.json").is_file():
-        pytest.skip(f"shared data not found at {folder}")
+    require((folder / "wikitext-2" / "test_rows.json").is_file(), f"the shared data at {folder}")
     monkeypatch.setenv("LOWBIT_DATA_DIR", str(folder))
     return folder
 

@@ -24,7 +24,7 @@ from lowbit.models import loading
 
 STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
 
-needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} not present")
+needs_stories = pytest.mark.requires(STORIES.is_dir(), f"the shared model {STORIES}")
 
 
 @pytest.fixture

