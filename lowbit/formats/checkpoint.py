@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError
 from lowbit.formats.scheme import ActScheme, WeightScheme
-from lowbit.formats.storage import DUAL, FP8SCALE, MXFP4, NVFP4, STORAGE_FORMATS, storage_format
+from lowbit.formats.precision import FLOAT_DTYPES
+from lowbit.formats.storage import DUAL, FLOAT_SCALES, FP8SCALE, MXFP4, NVFP4, STORAGE_FORMATS, storage_format
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "compressed-tensors"
@@ -29,14 +30,16 @@ WEIGHTS_FILE = "model.safetensors"
 
 @dataclass(frozen=True)
 class LayerScheme:
-    """What one linear layer holds: its weight scheme, activation scheme and storage format."""
+    """What one linear layer holds: its weight scheme, activation scheme, storage format and, for formats with
+    float scales (storage.FLOAT_SCALES), the dtype they are stored in (None: the model's dtype)."""
 
     weights: WeightScheme
     activations: ActScheme | None
     format: str
+    scale_dtype: torch.dtype | None = None
 
 
-def _weight_args(s: WeightScheme, fmt: str) -> dict[str, Any]:
+def _weight_args(s: WeightScheme, fmt: str, scale_dtype: torch.dtype | None) -> dict[str, Any]:
     # compressed-tensors calls NVFP4's group scales under a tensor-wide global scale "tensor_group".
     strategy = "tensor_group" if fmt == NVFP4 and s.strategy == "group" else s.strategy
     args = {
@@ -49,6 +52,8 @@ def _weight_args(s: WeightScheme, fmt: str) -> dict[str, Any]:
     }
     if fmt in SCALE_DTYPE_OF:  # as compressed-tensors' NVFP4/MXFP4 presets write it
         args["scale_dtype"] = SCALE_DTYPE_OF[fmt]
+    elif scale_dtype is not None and fmt in FLOAT_SCALES:  # compressed-tensors: scales rounded to this dtype
+        args["scale_dtype"] = str(scale_dtype)
     return args
 
 
@@ -82,7 +87,7 @@ def build_quantization_config(
     config_groups = {
         f"group_{i}": {
             "targets": names,
-            "weights": _weight_args(ls.weights, ls.format),
+            "weights": _weight_args(ls.weights, ls.format, ls.scale_dtype),
             "input_activations": _act_args(ls.activations),
             "output_activations": None,
             "format": ls.format,
@@ -130,7 +135,32 @@ def _scheme_from_args(w: dict[str, Any], a: dict[str, Any] | None, fmt: str, whe
         raise LowbitError(f"{where}: malformed quantization args ({e})") from None
     if storage_format(weights) != fmt:
         raise LowbitError(f"{where}: {weights.name} weights are not stored as {fmt!r}")
-    return LayerScheme(weights, act, fmt)
+    return LayerScheme(weights, act, fmt, _float_scale_dtype(w.get("scale_dtype"), fmt, where))
+
+
+def _float_scale_dtype(name: Any, fmt: str, where: str) -> torch.dtype | None:
+    """The stored dtype of float scales named by a config's ``scale_dtype`` ("torch.float16"), or None when it
+    is absent (the model's dtype) or the format's scales are not float (their dtype is the format's)."""
+    if name is None or fmt not in FLOAT_SCALES:
+        return None
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if dtype not in FLOAT_DTYPES:
+        raise LowbitError(f"{where}: scale_dtype {name!r} is not float32, float16 or bfloat16")
+    return dtype
+
+
+# quantization_config keys that change what the stored weights mean and that lowbit does not apply yet: a
+# checkpoint with one of them set would load as a plain one and compute wrong outputs.
+UNSUPPORTED_KEYS = ("transform_config", "kv_cache_scheme", "sparsity_config")
+
+
+def check_supported(qc: dict[str, Any]) -> None:
+    """Refuse, with one line naming the key, a config that sets a key of :data:`UNSUPPORTED_KEYS` (null or empty
+    counts as unset); lowbit's loader would otherwise ignore what it says."""
+    for key in UNSUPPORTED_KEYS:
+        if qc.get(key) not in (None, {}, []):
+            raise LowbitError(f"quantization_config has a {key!r}, which lowbit does not apply yet: it cannot load this "
+                              "checkpoint correctly")
 
 
 def parse_quantization_config(qc: Any) -> tuple[list[tuple[list[str], LayerScheme]], list[str]]:
@@ -170,6 +200,25 @@ def scheme_for(
         if any(matches(name, class_name, t) for t in targets):
             return ls
     return None
+
+
+def tensor_nbytes(directory: Path) -> dict[str, int]:
+    """Bytes each tensor of the directory's safetensors files takes, read from the files' headers (8 bytes of
+    header length, then its JSON: ``name -> {dtype, shape, data_offsets}``); no tensor data is read."""
+    sizes: dict[str, int] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with open(path, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"})
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise LowbitError(f"cannot read the safetensors header of {path}: {e}") from None
+    return sizes
+
+
+def layer_nbytes(sizes: dict[str, int], layer: str) -> int:
+    """Bytes of a quantized linear's weight tensors (``<layer>.weight``, ``<layer>.weight_*``; not its bias)."""
+    return sum(n for k, n in sizes.items() if k == f"{layer}.weight" or k.startswith(f"{layer}.weight_"))
 
 
 def write_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ same arithmetic and give bit-identical numbers.
 Grids (``w`` a weight, ``q`` its code's value, ``s`` its group scale, ``z`` its zero point):
 
 =====================  ====================================================  =============================
-scheme                 ``w_hat`` (then rounded to the scale dtype)            parameters
+scheme                 ``w_hat`` (then rounded to the model dtype)            parameters
 =====================  ====================================================  =============================
 int, float scales      ``(q - z) s``                                          formats/int.py
 float, float scales    ``fp(q) s``; ``s = absmax / fmt.max``                  FP8 / FP6 rows or groups
@@ -163,9 +163,10 @@ def round_values(w: torch.Tensor, params: GridParams, scheme: WeightScheme, in_f
 
 
 def dequantize_values(
-    q: torch.Tensor, params: GridParams, scheme: WeightScheme, in_features: int | None = None, scale_dtype: torch.dtype = torch.float32
+    q: torch.Tensor, params: GridParams, scheme: WeightScheme, in_features: int | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``w_hat`` of grid values ``q`` (from :func:`round_values`), float32, rounded once to ``scale_dtype``.
+    """``w_hat`` of grid values ``q`` (from :func:`round_values`), float32, rounded once to ``dtype`` (the model's,
+    formats/precision.py).
 
     Each product is exact in float32 up to the one rounding the table in the module docstring shows, so the
     packed checkpoint, the fake-quant simulation and GPTQ's column loop agree bit for bit.
@@ -179,7 +180,7 @@ def dequantize_values(
         w_hat = (q - z) * (s * aux)
     else:
         w_hat = q * s if z is None else (q - z) * s
-    return w_hat.to(scale_dtype).float()
+    return w_hat.to(dtype).float()
 
 
 def _f(z: torch.Tensor | None) -> torch.Tensor | None:

@@ -12,9 +12,10 @@ Conventions (those of compressed-tensors, so checkpoints load there as they are)
 * asymmetric: ``s = (max - min) / (2^b - 1)`` with the range widened to contain 0,
   ``z = clamp(round(qmin - min / s), qmin, qmax)`` (signed, int8), ``w_hat = s * (q - z)``;
 * rounding is round-half-to-even (torch.round); the scale is cast to its storage dtype *before* codes
-  are computed, and a dequantized value ``s * (q - z)`` is rounded to the scale's dtype (as
-  compressed-tensors computes it, in that dtype), so dequantizing stored tensors gives exactly the values
-  that were simulated, in our loader and in transformers + compressed-tensors alike.
+  are computed, and a dequantized value ``s * (q - z)`` is rounded to the model's dtype (as
+  compressed-tensors computes it, in that dtype; formats/precision.py), so dequantizing stored tensors
+  gives exactly the values that were simulated, in our loader and in transformers + compressed-tensors
+  alike.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats.parallel import WORKERS, worker_pool
+from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme
 
 # Smallest scale written: a group of zeros must not give a zero (division by zero) or denormal scale.
@@ -47,7 +49,7 @@ def compute_qparams(
     Args:
         w: float weight ``[out, in]``; any float dtype (computed in float32).
         scheme: the grid; its group size must already be resolved for this layer (``scheme.for_layer``).
-        scale_dtype: storage dtype of the scales (the model's float dtype); scales are rounded to it here.
+        scale_dtype: storage dtype of the scales (formats/precision.py); scales are rounded to it here.
         clip: range shrink factor in (0, 1], a scalar or ``[out, G]`` (used by MSE clipping searches).
 
     Returns:
@@ -96,28 +98,24 @@ def quantize_codes(
 
 
 def dequantize_codes(
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor | None,
-    dtype: torch.dtype = torch.float32,
-    scale_dtype: torch.dtype = torch.float32,
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``w_hat = s * (q - z)`` for int8 codes ``[out, in]``.
+    """``w_hat = s * (q - z)`` for int8 codes ``[out, in]``, in ``dtype`` (the model's).
 
     The product is exact in float32 (small integer times a 16/32-bit float) and is then rounded once to
-    ``scale_dtype``, which equals computing it in that dtype; the result is returned in ``dtype``.
+    ``dtype``, which equals computing it in that dtype.
     """
     in_features = codes.shape[1]
     q = codes.float()
     if zero is not None:
         q = q - expand_groups(zero, in_features).float()
-    return (q * expand_groups(scale.float(), in_features)).to(scale_dtype).to(dtype)
+    return (q * expand_groups(scale.float(), in_features)).to(dtype)
 
 
 def fake_quantize(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Round ``w [out, in]`` to the grid and back, in ``w``'s dtype (RTN simulation)."""
+    """Round ``w [out, in]`` to the grid (scales in ``scale_dtype``) and back, in ``w``'s dtype (RTN simulation)."""
     scale, zero = compute_qparams(w, scheme, scale_dtype)
-    return dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, w.dtype, scale_dtype)
+    return dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, w.dtype)
 
 
 def abs_power_(e: torch.Tensor, norm: float) -> torch.Tensor:
@@ -134,16 +132,18 @@ def abs_power_(e: torch.Tensor, norm: float) -> torch.Tensor:
 
 def _clip_errors(
     wg: torch.Tensor, stat: tuple[torch.Tensor, torch.Tensor], P: torch.Tensor, scheme: WeightScheme,
-    scale_dtype: torch.dtype, norm: float,
+    precision: Precision, norm: float,
 ) -> torch.Tensor:
     """``sum |Q_p(w) - w|^norm`` per group for the shrink factors ``P [C, o|1, G|1]``: float32 ``[C, o, G]``.
 
     ``wg [o, G, g]`` is the weight in group view and ``stat`` its per-group (min, max) (symmetric: (absmax,
     absmax)); the arithmetic is that of :func:`compute_qparams`, :func:`quantize_codes` and
-    :func:`dequantize_codes`, element for element (the dequantized weight rounded to ``scale_dtype`` in place
-    through a half-size copy); the power is :func:`abs_power_`. Every op after the division works in place on
+    :func:`dequantize_codes`, element for element (scales rounded to ``precision.scale_dtype``, the
+    dequantized weight to ``precision.dtype``, in place through a half-size copy); the power is
+    :func:`abs_power_`. Every op after the division works in place on
     one ``[C, o, G, g]`` buffer.
     """
+    scale_dtype = precision.scale_dtype
     if scheme.symmetric:
         scale = _store(stat[1] * P / scheme.qmax, scale_dtype)[..., None]  # [C, o, G, 1]
         w_hat = torch.div(wg, scale).round_().clamp_(scheme.qmin, scheme.qmax).mul_(scale)
@@ -153,8 +153,8 @@ def _clip_errors(
         zero = torch.round(scheme.qmin - xmin / scale).clamp(scheme.qmin, scheme.qmax)[..., None]
         scale = scale[..., None]
         w_hat = torch.div(wg, scale).round_().add_(zero).clamp_(scheme.qmin, scheme.qmax).sub_(zero).mul_(scale)
-    if scale_dtype != torch.float32:
-        w_hat.copy_(w_hat.to(scale_dtype))
+    if precision.dtype != torch.float32:
+        w_hat.copy_(w_hat.to(precision.dtype))
     return abs_power_(w_hat.sub_(wg), norm).sum(dim=-1)
 
 
@@ -170,7 +170,7 @@ CLIP_CHUNK = 255 << 10
 def mse_clip(
     w: torch.Tensor,
     scheme: WeightScheme,
-    scale_dtype: torch.dtype = torch.float32,
+    precision: Precision = Precision(),
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
@@ -180,7 +180,7 @@ def mse_clip(
 
     Candidates are ``p_i = 1 - i/grid`` for ``i < max_shrink * grid``; returns float32 ``[out, G]``
     (``[1, 1]`` for a tensor scheme), to pass to :func:`compute_qparams` as ``clip``. The smallest ``i``
-    (largest ``p``) wins a tie. ``stride = 1`` evaluates every candidate (the reference search);
+    (largest ``p``) wins a tie; each candidate's error is that of the weight as stored and run (``precision``). ``stride = 1`` evaluates every candidate (the reference search);
     ``stride = k > 1`` evaluates every k-th candidate, then the k - 1 neighbours on each side of each
     group's best one, about ``n/k + 2k - 2`` evaluations instead of ``n``: the same choice wherever the
     error, sampled every k candidates, has its minimum in the right basin. Chunks of candidates are
@@ -204,9 +204,9 @@ def mse_clip(
         per = max(1, CLIP_CHUNK // max(wg.numel(), 1))
         parts = list(P.split(per))
         if len(parts) > 1 and WORKERS > 1:
-            errs = list(worker_pool("mse").map(lambda p: _clip_errors(wg, stat, p, scheme, scale_dtype, norm), parts))
+            errs = list(worker_pool("mse").map(lambda p: _clip_errors(wg, stat, p, scheme, precision, norm), parts))
         else:
-            errs = [_clip_errors(wg, stat, p, scheme, scale_dtype, norm) for p in parts]
+            errs = [_clip_errors(wg, stat, p, scheme, precision, norm) for p in parts]
         return torch.cat(errs)
 
     err = evaluate(torch.arange(0, n, stride, device=w.device)[:, None, None])  # [C, o, G]

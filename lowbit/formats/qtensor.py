@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from lowbit.formats.grid import GridParams, codes_to_values, dequantize_values
-from lowbit.formats.packing import pack_codes, unpack_codes
+from lowbit.formats.packing import pack_codes
+from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme
-
-# Bits of one stored scale by scale format ("float" scales take the scale dtype's width).
-_SCALE_BITS = {"e8m0": 8, "e4m3": 8, "dual": 8}
 
 
 @dataclass
@@ -26,7 +23,8 @@ class QuantizedWeight:
             follows ``scheme.scale_format`` (formats/grid.py).
         zero: int8 ``[out, G]`` signed zero points, or None for a symmetric scheme.
         scheme: the scheme as applied to this layer (group fallback already resolved).
-        scale_dtype: the model dtype: "float" scales are exact in it and ``w_hat`` is rounded to it.
+        precision: the scale storage dtype ("float" scales are exact in it) and the model dtype ``w_hat`` is
+            rounded to (formats/precision.py).
         global_scale: float32 ``[1]`` per-tensor divisor of "e4m3" scale formats, else None.
         channel_scale: float32 ``[out, 1]`` coarse scale of "dual" scales, else None.
     """
@@ -35,7 +33,7 @@ class QuantizedWeight:
     scale: torch.Tensor
     zero: torch.Tensor | None
     scheme: WeightScheme
-    scale_dtype: torch.dtype = torch.float32
+    precision: Precision = Precision()
     global_scale: torch.Tensor | None = None
     channel_scale: torch.Tensor | None = None
 
@@ -50,44 +48,19 @@ class QuantizedWeight:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight the codes stand for, ``[out, in]`` in ``dtype``."""
+        """The weight the codes stand for, ``[out, in]``: rounded to the model dtype, returned in ``dtype``."""
         q = codes_to_values(self.codes, self.scheme)
-        return dequantize_values(q, self.params, self.scheme, self.shape[1], self.scale_dtype).to(dtype)
+        return dequantize_values(q, self.params, self.scheme, self.shape[1], self.precision.dtype).to(dtype)
 
     def rows(self, start: int, stop: int) -> "QuantizedWeight":
         """Output rows ``start:stop`` (not valid for a tensor-wide scale, which all rows share)."""
         if self.scheme.strategy == "tensor":
             raise ValueError("a tensor-scaled weight cannot be split by rows")
         p = self.params.rows(start, stop)
-        return QuantizedWeight(self.codes[start:stop].clone(), p.scale, p.zero, self.scheme, self.scale_dtype, p.global_scale, p.channel_scale)
+        return QuantizedWeight(self.codes[start:stop].clone(), p.scale, p.zero, self.scheme, self.precision, p.global_scale, p.channel_scale)
 
     def packed(self) -> torch.Tensor:
         """Integer codes packed along the input dimension: int32 ``[out, ceil(in*bits/32)]`` (formats/packing.py)."""
         if self.scheme.format != "int":
             raise ValueError(f"{self.scheme.name} codes are not packed into int32 words")
         return pack_codes(self.codes, self.scheme.bits)
-
-    @staticmethod
-    def from_packed(
-        packed: torch.Tensor,
-        shape: tuple[int, int],
-        scale: torch.Tensor,
-        zero: torch.Tensor | None,
-        scheme: WeightScheme,
-    ) -> "QuantizedWeight":
-        """Rebuild from int32 ``[out, ceil(in*bits/32)]`` words, as read from a checkpoint."""
-        codes = unpack_codes(packed, scheme.bits, shape[1])
-        return QuantizedWeight(codes, scale.float(), zero, scheme, scale.dtype)
-
-    def storage_bits(self) -> int:
-        """Bits this weight takes on disk: packed codes, scales (in scale_dtype) and packed zero points."""
-        out_f, in_f = self.shape
-        if self.scheme.format == "int":
-            code_bits = out_f * math.ceil(in_f * self.scheme.bits / 32) * 32
-        else:
-            code_bits = out_f * in_f * self.scheme.bits
-        per_scale = _SCALE_BITS.get(self.scheme.scale_format, torch.finfo(self.scale_dtype).bits)
-        scale_bits = self.scale.numel() * per_scale
-        zero_bits = 0 if self.zero is None else math.ceil(self.zero.shape[0] * self.scheme.bits / 32) * 32 * self.zero.shape[1]
-        extra = sum(32 * t.numel() for t in (self.global_scale, self.channel_scale) if t is not None)
-        return code_bits + scale_bits + zero_bits + extra

@@ -19,7 +19,7 @@ from lowbit.formats.fp import quantize_activation_per_token_fp8
 from lowbit.formats.int import quantize_activation_per_token
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import ActScheme, WeightScheme
-from lowbit.formats.storage import INT, PACKED, empty_buffers, from_buffers, storage_format, to_buffers
+from lowbit.formats.storage import FLOAT_SCALES, INT, PACKED, empty_buffers, from_buffers, storage_format, to_buffers
 from lowbit.kernels.dispatch import Backend, resolve_backend
 
 __all__ = ["QuantLinear", "storage_format", "PACKED", "INT", "fake_quantize_activation"]
@@ -45,9 +45,10 @@ class QuantLinear(nn.Module):
         in_features, out_features: the float layer's shape.
         scheme: weight scheme as applied to this layer (group fallback resolved).
         act: activation scheme or None for weight-only.
-        dtype: the model's float dtype: float scales, bias and the output use it.
+        dtype: the model's float dtype: the bias, the output and the dequantized weight use it.
         bias: whether the layer has a bias.
         backend: kernel choice (kernels/dispatch.py), resolved per call from the input's device.
+        scale_dtype: dtype of the stored float scales (formats/precision.py); None: ``dtype``.
     """
 
     def __init__(
@@ -59,13 +60,14 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         bias: bool = False,
         backend: Backend | str = Backend.AUTO,
+        scale_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.act, self.dtype = scheme, act, dtype
         self.format = storage_format(scheme)
         self.backend = Backend(backend)
-        for name, t in empty_buffers(scheme, out_features, in_features, dtype).items():
+        for name, t in empty_buffers(scheme, out_features, in_features, scale_dtype or dtype).items():
             self.register_buffer(name, t)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self._w_hat: torch.Tensor | None = None  # dequantized weight cache (torch path only)
@@ -75,9 +77,9 @@ class QuantLinear(nn.Module):
     def from_quantized(
         cls, qw: QuantizedWeight, act: ActScheme | None, dtype: torch.dtype, bias: torch.Tensor | None = None
     ) -> "QuantLinear":
-        """Build a layer holding ``qw`` (and a float ``bias [out]``)."""
+        """Build a layer holding ``qw`` (and a float ``bias [out]``); its scales keep ``qw``'s scale dtype."""
         out_f, in_f = qw.shape
-        layer = cls(in_f, out_f, qw.scheme, act, dtype, bias is not None)
+        layer = cls(in_f, out_f, qw.scheme, act, dtype, bias is not None, scale_dtype=qw.precision.scale_dtype)
         layer.set_quantized(qw)
         if bias is not None:
             layer.bias.data.copy_(bias.to(dtype))
@@ -89,13 +91,17 @@ class QuantLinear(nn.Module):
     def set_quantized(self, qw: QuantizedWeight) -> None:
         """Store ``qw``'s codes and scales in this layer's buffers."""
         stored = self._stored()
-        for name, t in to_buffers(qw, self.dtype).items():
+        for name, t in to_buffers(qw).items():
             stored[name].copy_(t)
         self._w_hat = self._kernel_args = None
 
     def quantized_weight(self) -> QuantizedWeight:
         """Decode the buffers back to a QuantizedWeight."""
         return from_buffers(self._stored(), self.scheme, self.out_features, self.in_features, self.dtype)
+
+    def stored_bits(self) -> int:
+        """Bits of the quantized weight's tensors (this layer's buffers: what a checkpoint holds for it)."""
+        return sum(b.numel() * b.element_size() * 8 for b in self.buffers(recurse=False))
 
     def dequantized_weight(self) -> torch.Tensor:
         """``W_hat [out, in]`` in the model dtype, decoded once and cached (the torch path trades memory for speed)."""
@@ -108,18 +114,20 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        """``.to()``, ``.cuda()``, ``.half()``...: float-scale buffers and the bias follow a dtype change; codes,
-        FP8/E8M0/INT8 scales and float32 global/channel scales only change device (casting them would corrupt
-        the stored weight)."""
+        """``.to()``, ``.cuda()``, ``.half()``...: the bias follows a dtype change like a float layer's, and so do
+        float scales when the new dtype is 16-bit (a 16-bit model stores its scales in its own dtype,
+        formats/precision.py); codes, FP8/E8M0/INT8 scales, float32 global/channel scales and the float scales
+        of a float32 model only change device (casting them would corrupt the stored weight or widen it)."""
         self._w_hat = self._kernel_args = None  # rebuilt on the new device / dtype
         order = list(self._buffers)
-        kept = {n: b for n, b in self._buffers.items() if b is not None and not (n == "weight_scale" and b.dtype == self.dtype)}
+        probe = fn(torch.empty(0, dtype=self.dtype, device=next(iter(self._buffers.values())).device))
+        follow = self.format in FLOAT_SCALES and torch.finfo(probe.dtype).bits == 16
+        kept = {n: b for n, b in self._buffers.items() if b is not None and not (n == "weight_scale" and follow)}
         for n in kept:
             del self._buffers[n]
         try:
             module = super()._apply(fn, *args, **kwargs)
         finally:
-            probe = fn(torch.empty(0, dtype=self.dtype, device=next(iter(kept.values())).device))
             for n, b in kept.items():
                 self._buffers[n] = b.to(probe.device)
             self._buffers = {n: self._buffers[n] for n in order}  # state_dict order unchanged

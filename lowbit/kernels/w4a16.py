@@ -69,12 +69,13 @@ def w4a16_reference(
         group_size: columns per scale, a multiple of 8 dividing K.
         out_dtype: float16, bfloat16 or float32.
 
-    ``W_hat`` is rounded to the scale dtype and then to ``x``'s dtype (what the kernel feeds ``tl.dot``);
-    the product is computed in float32 and rounded once to ``out_dtype``.
+    ``W_hat = s (q - z)``, exact in float32, is rounded once to ``x``'s dtype, the model's (what the kernel feeds
+    ``tl.dot``; formats/precision.py: float16 scales of a float32 model give exact float32 weights); the
+    product is computed in float32 and rounded once to ``out_dtype``.
     """
     N, K = _check_w4a16(x, packed, scale, zero, group_size, out_dtype)
     codes = unpack_codes(packed, 4, K)  # int8 [N, K]
-    w_hat = dequantize_codes(codes, scale.float(), zero, x.dtype, scale.dtype)  # [N, K]
+    w_hat = dequantize_codes(codes, scale.float(), zero, x.dtype)  # [N, K]
     return F.linear(x.float(), w_hat.float()).to(out_dtype)
 
 
@@ -169,10 +170,10 @@ def w4a16_triton(
     z = zero if zero is not None else scale  # never read: HAS_ZERO=False compiles the load away
     if M <= GEMV_MAX_M:
         cfg = gemv_config(M, N, K, x.device, group_size)
-        # Factoring the group scale out of the sum skips W_hat's rounding to the scale and activation dtypes,
-        # a relative difference up to 2^-9 (bfloat16) per weight: below the float16/bfloat16 output tolerance,
-        # not below float32's, so a float32 output from narrower inputs dequantizes each weight as the reference.
-        round_w = out_dtype == torch.float32 and (x.dtype != torch.float32 or scale.dtype != torch.float32)
+        # Factoring the group scale out of the sum skips W_hat's rounding to the activation dtype, a relative
+        # difference up to 2^-9 (bfloat16) per weight: below the float16/bfloat16 output tolerance, not below
+        # float32's, so a float32 output from narrower activations dequantizes each weight as the reference.
+        round_w = out_dtype == torch.float32 and x.dtype != torch.float32
         return launch_gemm(
             _w4a16_gemv_kernel, x, N, out_dtype, (packed, scale, z, K // group_size, K // 8), cfg=cfg,
             GROUP_SIZE=group_size, GROUP_MODE=group_mode(group_size, cfg.block_k), HAS_ZERO=zero is not None,
@@ -249,8 +250,8 @@ if triton is not None:
                     q = v - (z.to(tl.float32) + 8388616.0)
                 else:
                     q = v - 8388616.0
-                # Rounded to the scale dtype first, as dequantize_codes does, then to the activation dtype.
-                w = (q * s.to(tl.float32)).to(s_ptr.dtype.element_ty).to(x_ptr.dtype.element_ty)
+                # Exact in float32, rounded once to the activation (model) dtype, as dequantize_codes does.
+                w = (q * s.to(tl.float32)).to(x_ptr.dtype.element_ty)
             w = tl.reshape(w, (BLOCK_N, BLOCK_K))
             acc = dot_acc(a, tl.trans(w), acc, DOT_IEEE)
         store_tile(acc, y_ptr, offs_m, offs_n, M, N, SPLIT_K)
@@ -271,9 +272,9 @@ if triton is not None:
         activations broadcast over the rows, sums each word's 8 products in its thread, and scales those
         per-word sums once by their group's scale: ``acc += s_g * sum_k (q - z) x_k``. The float32 accumulator
         ``[BLOCK_M, BLOCK_N, BLOCK_K/8]`` is reduced over the words once, after the K loop, then stored or (split
-        K) atomically added. Versus the reference this skips rounding ``W_hat`` to the scale and activation
-        dtypes (relative 2^-11 for float16, 2^-9 for bfloat16 per weight, well inside the 1e-2 * max|y| float16 /
-        bfloat16 tolerance); ``ROUND_W`` (float32 output from narrower inputs, tolerance 1e-4) instead dequantizes
+        K) atomically added. Versus the reference this skips rounding ``W_hat`` to the activation dtype (relative
+        2^-11 for float16, 2^-9 for bfloat16 per weight, well inside the 1e-2 * max|y| float16 / bfloat16
+        tolerance); ``ROUND_W`` (float32 output from narrower activations, tolerance 1e-4) instead dequantizes
         and rounds each weight as the reference does, then multiplies. ``DOT_IEEE`` is unused (launch_gemm).
         """
         pid_n, pid_k = tl.program_id(1), tl.program_id(2)
@@ -306,7 +307,7 @@ if triton is not None:
             else:
                 w = v - 8388616.0
             if ROUND_W:
-                w = (w * s).to(s_ptr.dtype.element_ty).to(x_ptr.dtype.element_ty).to(tl.float32)
+                w = (w * s).to(x_ptr.dtype.element_ty).to(tl.float32)
             offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
             if EVEN_K:
                 a = tl.load(x_rows + offs_k[None, :])

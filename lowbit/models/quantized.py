@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lowbit.errors import LowbitError
-from lowbit.formats.checkpoint import parse_quantization_config, scheme_for
+from lowbit.formats.checkpoint import check_supported, parse_quantization_config, scheme_for
 from lowbit.kernels.dispatch import Backend, resolve_backend
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.models.loading import check_model_dir, load_float_model, resolve_model_dir, set_module
@@ -25,6 +25,19 @@ def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise LowbitError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
     return tensors
+
+
+def _check_stored(model: nn.Module, tensors: dict[str, torch.Tensor], model_dir: Path) -> None:
+    """Every quantized layer's stored tensor has the dtype and shape its config promises (load_state_dict would
+    cast a float32 scale into a float16 buffer silently, or stop with a traceback on a shape)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        for key, buf in module.named_buffers(prefix=name, recurse=False):
+            t = tensors.get(key)
+            if t is not None and (t.dtype != buf.dtype or t.shape != buf.shape):
+                raise LowbitError(f"checkpoint {model_dir}: {key} is {t.dtype} {list(t.shape)}, but its config says "
+                                  f"{buf.dtype} {list(buf.shape)}")
 
 
 def load(
@@ -49,6 +62,7 @@ def load(
     if qc is None:
         return load_float_model(model_dir, device=device)[0]
     groups, ignore = parse_quantization_config(qc)
+    check_supported(qc)
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
@@ -62,10 +76,12 @@ def load(
             continue
         ls = scheme_for(name, type(module).__name__, groups, ignore)
         if ls is not None:
-            ql = QuantLinear(module.in_features, module.out_features, ls.weights, ls.activations, dtype, module.bias is not None, backend)
+            ql = QuantLinear(module.in_features, module.out_features, ls.weights, ls.activations, dtype,
+                             module.bias is not None, backend, scale_dtype=ls.scale_dtype)
             set_module(model, name, ql)
 
     tensors = _read_tensors(model_dir)
+    _check_stored(model, tensors, model_dir)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

@@ -1,7 +1,8 @@
 """GPTQ's column loop within one lazy block, in C (csrc/gptq_columns.c) on row slices in parallel.
 
 The torch loop in lowbit/quantize/gptq.py is the reference and the fallback; this one gives the same bits
-(tests/native/test_gptq_columns.py) for the plain integer grid with float32, float16 or bfloat16 scales.
+(tests/native/test_gptq_columns.py) for the plain integer grid, with dequantized values rounded to a float32,
+float16 or bfloat16 model dtype (formats/precision.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import torch
 
 from lowbit import native
 
-# Scale storage dtypes the kernel rounds dequantized values to (csrc: to_kind), and the code passed for each.
-SCALE_KINDS: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Model dtypes the kernel rounds dequantized values to (csrc: to_kind), and the code passed for each.
+DTYPE_KINDS: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MIN_ROWS_PER_THREAD = 256  # below this a second thread costs more than it saves
 
 
@@ -27,14 +28,14 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
-def available(scale_dtype: torch.dtype) -> bool:
-    """Whether the C loop can run for scales stored in ``scale_dtype`` (compiler found, build succeeded)."""
-    return scale_dtype in SCALE_KINDS and _lib() is not None
+def available(dtype: torch.dtype) -> bool:
+    """Whether the C loop can run for a model of ``dtype`` (compiler found, build succeeded)."""
+    return dtype in DTYPE_KINDS and _lib() is not None
 
 
 def gptq_columns(
     W1T: torch.Tensor, U1: torch.Tensor, i0: int, i1: int, s: torch.Tensor, z: torch.Tensor | None,
-    qmin: float, qmax: float, scale_dtype: torch.dtype, Q: torch.Tensor, E: torch.Tensor, threads: int = 1,
+    qmin: float, qmax: float, dtype: torch.dtype, Q: torch.Tensor, E: torch.Tensor, threads: int = 1,
 ) -> None:
     """Round columns ``i0 .. i1 - 1`` of a block and propagate their errors to its later columns, in place.
 
@@ -45,13 +46,14 @@ def gptq_columns(
         s: float32 scales, ``[rows]`` shared by these columns or ``[nb, rows]`` one per column, contiguous.
         z: float32 zero points shaped like ``s``, or None for a symmetric grid.
         qmin, qmax: the integer grid's range (zero point included for asymmetric grids).
-        scale_dtype: float32, float16 or bfloat16; dequantized values are rounded to it as stored scales give.
+        dtype: the model dtype, float32, float16 or bfloat16: dequantized values are rounded to it, as the
+            loaders compute them (formats/precision.py).
         Q, E: float32 ``[nb, rows]`` contiguous outputs: grid values and errors ``(w - dq) / U1[i, i]``
             (three separate tensors: overlapping W1T, Q and E would give wrong numbers).
         threads: row slices computed at once (rows are independent; the GIL is released in the C call).
     """
     lib = _lib()
-    if lib is None or scale_dtype not in SCALE_KINDS:
+    if lib is None or dtype not in DTYPE_KINDS:
         raise RuntimeError("the native GPTQ column loop is not available (see lowbit.native)")
     nb, rows = W1T.shape
     for t in (W1T, U1, s, Q, E) + (() if z is None else (z,)):
@@ -64,7 +66,7 @@ def gptq_columns(
     if z is not None and z.shape != s.shape:
         raise ValueError(f"z {tuple(z.shape)} must be shaped like s {tuple(s.shape)}")
     s_step = rows if s.dim() == 2 else 0
-    kind = SCALE_KINDS[scale_dtype]
+    kind = DTYPE_KINDS[dtype]
 
     def run(r0: int, r1: int) -> None:
         off = 4 * r0  # bytes

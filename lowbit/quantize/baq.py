@@ -32,7 +32,9 @@ import torch
 
 from lowbit.calibrate.stats import InputStats
 from lowbit.errors import LowbitError
+from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme
+from lowbit.formats.storage import stored_bits
 from lowbit.quantize.rtn import rtn_weight
 
 K = TypeVar("K")
@@ -48,7 +50,7 @@ class LayerSensitivity:
         loss: option -> ``sum_o F_o dW_o H dW_o^T`` of RTN under that option (H = X^T X / n, float32;
             F = 1 for the plain Hessian proxy). An option is a width, or a whole layer scheme (width,
             group size, symmetry) when the allocation also chooses the grid.
-        cost: option -> storage bits (codes, scales, zero points).
+        cost: option -> bits of the layer's tensors in the checkpoint (codes, scales, zero points, shape).
     """
 
     name: str
@@ -62,7 +64,7 @@ def measure(
     W: torch.Tensor,
     stats: InputStats,
     candidates: Mapping[K, WeightScheme],
-    scale_dtype: torch.dtype,
+    precision: Precision,
     fisher: torch.Tensor | None = None,
 ) -> LayerSensitivity:
     """Loss and cost of ``W [out, in]`` under each candidate scheme (key -> scheme, resolved for the layer).
@@ -72,9 +74,9 @@ def measure(
     H = stats.hessian()
     loss, cost = {}, {}
     for key, scheme in candidates.items():
-        qw = rtn_weight(W, scheme, scale_dtype)
+        qw = rtn_weight(W, scheme, precision)
         loss[key] = weighted_loss(W, qw.dequantize(torch.float32), H, fisher)
-        cost[key] = qw.storage_bits()
+        cost[key] = stored_bits(qw.scheme, W.shape[0], W.shape[1], precision.scale_dtype)
     return LayerSensitivity(name, W.numel(), loss, cost)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from lowbit.formats.grid import GridParams, compute_params, dequantize_values, round_values
 from lowbit.formats.int import compute_qparams, expand_groups, mse_clip
+from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme
 from lowbit.native import gptq_columns
 from lowbit.quantize.options import RoundingOptions
@@ -76,14 +77,14 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor |
 
 
 def _group_params(
-    cols: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: RoundingOptions
+    cols: torch.Tensor, scheme: WeightScheme, precision: Precision, options: RoundingOptions
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point ``[out, 1]`` of one group of columns ``[out, g]``."""
     per_row = scheme.per_row()
     clip = 1.0
     if options.mse_clip:
-        clip = mse_clip(cols, per_row, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride)
-    return compute_qparams(cols, per_row, scale_dtype, clip)
+        clip = mse_clip(cols, per_row, precision, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride)
+    return compute_qparams(cols, per_row, precision.scale_dtype, clip)
 
 
 @contextmanager
@@ -102,10 +103,11 @@ def gptq(
     W: torch.Tensor,
     H: torch.Tensor | None,
     scheme: WeightScheme,
-    scale_dtype: torch.dtype = torch.float32,
+    precision: Precision = Precision(),
     options: RoundingOptions | None = None,
 ) -> RoundResult:
-    """Quantize ``W [out, in]`` with GPTQ given ``H = X^T X / n`` (float32 ``[in, in]``).
+    """Quantize ``W [out, in]`` with GPTQ given ``H = X^T X / n`` (float32 ``[in, in]``); every weight is
+    compensated for the error of its value as stored and run (``precision``).
 
     Never raises on a bad Hessian: damping is escalated, then a diagonal floor is added, and if the
     factorisation still fails (or the loss is not finite) the layer falls back to RTN; ``note`` says so.
@@ -118,11 +120,11 @@ def gptq(
     # share, and with the cores busy (another job, or the OpenMP pool of a second process) two threads made
     # them 50x slower. The C column loop uses ``threads`` row slices of its own (native/gptq_columns.py).
     with _num_threads(1):
-        return _gptq(W, H, scheme.for_layer(W.shape[1]), scale_dtype, options, threads)
+        return _gptq(W, H, scheme.for_layer(W.shape[1]), precision, options, threads)
 
 
 def _gptq(
-    W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, options: RoundingOptions,
+    W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, precision: Precision, options: RoundingOptions,
     threads: int = 1,
 ) -> RoundResult:
     """The body of :func:`gptq` (scheme already resolved for the layer); the factorisation and the scale
@@ -145,7 +147,7 @@ def _gptq(
     with _num_threads(threads):  # 1536 x 1536 on 2 cores: 0.12 s instead of 0.26 s
         U, note = inverse_hessian_factor(H[perm][:, perm], options.damp)
     if U is None:
-        return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, f"{note}: fell back to RTN")
+        return RoundResult(rtn_weight(W, scheme, precision, options), None, f"{note}: fell back to RTN")
 
     # Static parameters come from the whole weight (grids other than plain int have tensor-wide or
     # per-row parts, so their groups are always static); on-the-fly group scales come from the loop.
@@ -153,17 +155,17 @@ def _gptq(
     params = None
     if static:
         search = options.mse_clip and scheme.is_plain_int
-        clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride) if search else 1.0
-        params = compute_params(W, scheme, scale_dtype, clip)
+        clip = mse_clip(W, scheme, precision, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride) if search else 1.0
+        params = compute_params(W, scheme, precision.scale_dtype, clip)
 
-    values, params, loss = _column_loop(W, U, perm, scheme, scale_dtype, options, params, threads)
+    values, params, loss = _column_loop(W, U, perm, scheme, precision, options, params, threads)
     total = float(loss.sum())
     if not torch.isfinite(torch.tensor(total)):
-        return RoundResult(rtn_weight(W, scheme, scale_dtype, options), None, "GPTQ loss not finite: fell back to RTN")
+        return RoundResult(rtn_weight(W, scheme, precision, options), None, "GPTQ loss not finite: fell back to RTN")
     if options.refit_scales and scheme.is_plain_int and scheme.strategy in ("group", "channel"):
         with _num_threads(threads):
-            params = GridParams(refit_group_scales(W, H, values, params.scale, params.zero, scale_dtype), params.zero)
-    return RoundResult(from_values(values, params, scheme, scale_dtype), total, note, loss)
+            params = GridParams(refit_group_scales(W, H, values, params.scale, params.zero, precision.scale_dtype), params.zero)
+    return RoundResult(from_values(values, params, scheme, precision), total, note, loss)
 
 
 def _column_loop(
@@ -171,7 +173,7 @@ def _column_loop(
     U: torch.Tensor,
     perm: torch.Tensor,
     scheme: WeightScheme,
-    scale_dtype: torch.dtype,
+    precision: Precision,
     options: RoundingOptions,
     params: GridParams | None,
     threads: int = 1,
@@ -199,7 +201,7 @@ def _column_loop(
 
     order = perm.tolist()
     generic = params is not None and not scheme.is_plain_int
-    use_native = not generic and native_loop and W.device.type == "cpu" and gptq_columns.available(scale_dtype)
+    use_native = not generic and native_loop and W.device.type == "cpu" and gptq_columns.available(precision.dtype)
     Wp = W[:, perm]  # [rows, in] in processing order
     if static:  # per-column scale / zero in processing order, from each column's natural group: [rows, in]
         s_all = expand_groups(scale, in_f)[:, perm].expand(out_f, -1)
@@ -211,7 +213,7 @@ def _column_loop(
         """On-the-fly scale (and zero) ``[rows]`` of the group starting at block column ``i``, from the
         compensated weights ``W1T[i : i + gs]``; stored into ``scale`` / ``zero`` at the natural group."""
         g = order[i1 + i] // gs
-        s_g, z_g = _group_params(W1T[i : i + gs].t().contiguous(), scheme, scale_dtype, options)
+        s_g, z_g = _group_params(W1T[i : i + gs].t().contiguous(), scheme, precision, options)
         scale[:, g] = s_g[:, 0]
         if zero is not None:
             zero[:, g] = z_g[:, 0]
@@ -230,16 +232,16 @@ def _column_loop(
             if static:
                 S = s_cols.t().contiguous()
                 Z = None if z_cols is None else z_cols.t().contiguous()
-                gptq_columns.gptq_columns(W1T, U1c, 0, i2 - i1, S, Z, scheme.qmin, scheme.qmax, scale_dtype, Q, E, threads)
+                gptq_columns.gptq_columns(W1T, U1c, 0, i2 - i1, S, Z, scheme.qmin, scheme.qmax, precision.dtype, Q, E, threads)
             else:
                 for i in range(0, i2 - i1, gs):  # blocks hold whole groups here
                     s_g, z_g = start_group(W1T, i, i1)
                     gptq_columns.gptq_columns(W1T, U1c, i, i + gs, s_g.contiguous(), None if z_g is None else z_g.contiguous(),
-                                              scheme.qmin, scheme.qmax, scale_dtype, Q, E, threads)
+                                              scheme.qmin, scheme.qmax, precision.dtype, Q, E, threads)
             Q1, E1 = Q.t(), E.t().contiguous()  # [rows, i2 - i1]
         else:
             Q1, E1 = _block_torch(W1T, U1, i1, s_cols if static else None, z_cols if static else None,
-                                  params if generic else None, scheme, scale_dtype, gs, start_group)
+                                  params if generic else None, scheme, precision, gs, start_group)
         codes[:, perm[i1:i2]] = Q1
         loss += E1.square().sum(dim=1) / 2  # sum (w - q)^2 / d^2 / 2
         Wp[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of all later columns
@@ -248,7 +250,7 @@ def _column_loop(
 
 def _block_torch(
     W1T: torch.Tensor, U1: torch.Tensor, i1: int, s_cols: torch.Tensor | None, z_cols: torch.Tensor | None,
-    params: GridParams | None, scheme: WeightScheme, scale_dtype: torch.dtype, gs: int,
+    params: GridParams | None, scheme: WeightScheme, precision: Precision, gs: int,
     start_group: "Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor | None]]",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The column loop of one block in torch (the reference for native/gptq_columns.py, and the path of
@@ -265,7 +267,7 @@ def _block_torch(
             col = GridParams(s_cols[:, i : i + 1], None if z_cols is None else z_cols[:, i : i + 1],
                              params.global_scale, params.channel_scale)
             q = round_values(w[:, None], col, scheme)
-            dq = dequantize_values(q, col, scheme, None, scale_dtype)[:, 0]
+            dq = dequantize_values(q, col, scheme, None, precision.dtype)[:, 0]
             q = q[:, 0]
         else:  # the plain int grid inline: as few ops as possible
             if s_cols is not None:
@@ -279,8 +281,8 @@ def _block_torch(
                 q.add_(z)
             q.clamp_(scheme.qmin, scheme.qmax)
             dq = (q if z is None else q - z) * s
-            if scale_dtype != torch.float32:
-                dq = dq.to(scale_dtype).float()  # exactly what dequantize gives
+            if precision.dtype != torch.float32:
+                dq = dq.to(precision.dtype).float()  # exactly what dequantize gives
         qs.append(q)
         err = (w - dq).div_(diag[i])
         errs.append(err)

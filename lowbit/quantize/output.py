@@ -1,7 +1,8 @@
 """Writing a quantized model: checkpoint + tokenizer + quantize_report.json, atomically.
 
-Everything is written into a temporary directory beside the target and renamed into place only when
-complete, so an interrupted or failed run never leaves a partial output directory. The files are a pure
+Everything is written into a staging directory beside the target and renamed into place only when
+complete (quantize/destination.py), so an interrupted or failed run never leaves a partial output directory
+and never loses the previous one. The files are a pure
 function of the inputs (no timestamps, sorted JSON), so the same inputs give byte-identical outputs.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import lowbit
 from lowbit.formats.checkpoint import WEIGHTS_FILE, LayerScheme, build_quantization_config, write_checkpoint
+from lowbit.formats.storage import FLOAT_SCALES
 from lowbit.kernels.quant_linear import QuantLinear
+from lowbit.quantize.destination import REPORT_FILE, move_into_place, staging_dir
 from lowbit.quantize.recipe import Recipe
 from lowbit.quantize.results import LayerResult
 
-REPORT_FILE = "quantize_report.json"
 
 
 def checkpoint_tensors(model: PreTrainedModel) -> dict[str, Any]:
@@ -42,7 +43,7 @@ def layer_schemes(model: nn.Module) -> tuple[dict[str, LayerScheme], list[str]]:
     layers, ignore = {}, []
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            layers[name] = LayerScheme(m.scheme, m.act, m.format)
+            layers[name] = LayerScheme(m.scheme, m.act, m.format, m.weight_scale.dtype if m.format in FLOAT_SCALES else None)
         elif isinstance(m, nn.Linear):
             ignore.append(name)
     return layers, ignore
@@ -59,7 +60,7 @@ def report_dict(recipe: Recipe, layers: list[LayerResult], model_dir: Path, cali
         "bits_per_weight": sum(l.storage_bits for l in layers) / max(n_params, 1),
         "quantized_params": n_params,
         "float_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
-        "layers": [asdict(l) for l in layers],
+        "layers": [{**asdict(l), "bits_per_weight": l.bits_per_weight} for l in layers],
     }
 
 
@@ -83,10 +84,10 @@ def write_output(
     overwrite: bool,
     extra: dict[str, Any] | None = None,
 ) -> int:
-    """Write the quantized ``model`` to ``out`` atomically; return the size of its weights file in bytes."""
+    """Write the quantized ``model`` to ``out`` atomically (quantize/destination.py); return the size of its weights
+    file in bytes."""
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         qlayers, ignore = layer_schemes(model)
         fallbacks = {l.name: l.fallback for l in layers if l.fallback}
@@ -101,15 +102,7 @@ def write_output(
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         size = (tmp / WEIGHTS_FILE).stat().st_size
         _apply_umask(tmp)
-        if out.exists():
-            if not overwrite:
-                raise FileExistsError(out)
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "x")
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out, overwrite)
         return size
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,12 +27,15 @@ from lowbit.calibrate.stats import InputStats, relative_output_error
 from lowbit.calibrate.windows import calibration_windows
 from lowbit import native
 from lowbit.errors import LowbitError
+from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.models.arch import ArchTable
-from lowbit.models.loading import get_module, load_float_model, set_module
+from lowbit.models.loading import check_model_dir, get_module, load_float_model, resolve_model_dir, set_module
+from lowbit.models.smollm2 import SMOLLM2_ALIAS
 from lowbit.native import gptq_columns
 from lowbit.quantize import baq
+from lowbit.quantize.destination import check_destination, remove_leftovers
 from lowbit.quantize.methods import ROUNDERS
 from lowbit.quantize.output import write_output
 from lowbit.quantize.recipe import Recipe, load_recipe
@@ -117,8 +120,7 @@ def quantize_block(
     inputs: BlockInputs,
     table: ArchTable,
     recipe: Recipe,
-    dtype: torch.dtype,
-    scale_dtype: torch.dtype,
+    precision: Precision,
     base: WeightScheme,
     allocated: dict[str, WeightScheme] | None = None,
     timings: dict[str, float] | None = None,
@@ -126,6 +128,7 @@ def quantize_block(
     """Quantize the linears of one block in place, true-sequentially; return its outputs and per-layer results.
 
     Args:
+        precision: the model dtype and the scale storage dtype, resolved once for the run (Recipe.precision).
         base: the recipe's weight scheme with the model-wide group size (``model_scheme``).
         allocated: full layer name -> the scheme bit allocation chose for it (width, and group size and
             symmetry where the allocation chooses them), overriding the recipe's.
@@ -150,7 +153,7 @@ def quantize_block(
             together = [n for n in names if schemes[n][1] == scheme]
             t0 = time.perf_counter()
             Ws = [get_module(block, n).weight.data for n in together]
-            res = round_together(method, Ws, H if method.needs_hessian else None, scheme, scale_dtype, recipe.rounding)
+            res = round_together(method, Ws, H if method.needs_hessian else None, scheme, precision, recipe.rounding)
             rounded.update(zip(together, res))
             if timings is not None:
                 timings["rounding"] = timings.get("rounding", 0.0) + time.perf_counter() - t0
@@ -160,7 +163,7 @@ def quantize_block(
             requested, scheme = schemes[n]
             res = rounded[n]
             bias = linear.bias.data if linear.bias is not None else None
-            ql = QuantLinear.from_quantized(res.qweight, recipe.activations, dtype, bias).to(W.device)
+            ql = QuantLinear.from_quantized(res.qweight, recipe.activations, precision.dtype, bias).to(W.device)
             W_hat = res.qweight.dequantize(torch.float32)
             results.append(
                 LayerResult(
@@ -170,7 +173,7 @@ def quantize_block(
                     strategy=scheme.strategy,
                     group_size=scheme.group_size,
                     fallback=_fallback_note(requested, scheme, ql.in_features),
-                    storage_bits=res.qweight.storage_bits(),
+                    storage_bits=ql.stored_bits(),
                     weight_rel_err=float((W.float() - W_hat).norm() / W.float().norm().clamp_min(1e-30)),
                     output_rel_err=relative_output_error(W, W_hat, H),
                     loss=res.loss,
@@ -209,7 +212,7 @@ def baq_candidates(base: WeightScheme, recipe: Recipe, in_features: int) -> tupl
 
 def bit_allocation(
     model: nn.Module, table: ArchTable, windows: torch.Tensor, recipe: Recipe, base: WeightScheme,
-    scale_dtype: torch.dtype, batch_size: int, device: str, progress: bool,
+    precision: Precision, batch_size: int, device: str, progress: bool,
 ) -> tuple[dict[str, WeightScheme], dict[str, float]]:
     """BAQ's sensitivity pass over the float model, then the allocation: (scheme, closed-form rate) per layer."""
     assert recipe.baq is not None
@@ -226,7 +229,7 @@ def bit_allocation(
 
     def add(name: str, W: torch.Tensor, stats: InputStats, fisher: torch.Tensor | None) -> None:
         candidates, refs[name] = baq_candidates(base, recipe, W.shape[1])
-        layers.append(baq.measure(name, W, stats, candidates, scale_dtype, fisher))
+        layers.append(baq.measure(name, W, stats, candidates, precision, fisher))
 
     if opts.sensitivity == "fisher":
         stats = collect_sensitivity_stats(model, table, windows[:n], wanted, progress)
@@ -252,6 +255,13 @@ def bit_allocation(
     return chosen, rates
 
 
+def check_run_args(samples: int, calib_seqlen: int, batch_size: int) -> None:
+    """One-line errors for run sizes that cannot work (the model's own limit is checked once its config is read)."""
+    for name, value, least in (("--samples", samples, 1), ("--calib-seqlen", calib_seqlen, 2), ("--batch-size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise LowbitError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
 def quantize_model(
     model: str | Path | None = None,
     recipe: str | Recipe = "w4a16",
@@ -271,13 +281,14 @@ def quantize_model(
     Args:
         model: a local HF directory, or None / "smollm2-135m" for the bundled default model.
         recipe: a preset name, a recipe file path, or a Recipe.
-        out: output directory; written to a temporary directory beside it and renamed into place.
+        out: output directory; written to a staging directory beside it and renamed into place
+            (quantize/destination.py: what may be replaced, and leftovers of killed runs).
         calib: calibration text (.txt, .json, .jsonl, or a saved ``datasets`` dataset); default per
             ``lowbit.calibrate.sources``.
         samples, calib_seqlen: number and length of the calibration windows.
         seed: seeds the window sampling and torch.
         device: where each block is processed ("cpu" or "cuda"); the model itself stays on the CPU.
-        overwrite: replace an existing ``out``.
+        overwrite: replace an existing ``out`` (an empty directory or a previous lowbit output only).
         batch_size: calibration windows per forward call.
         progress: show progress bars.
         avg_bits: override the average-bit budget of a BAQ recipe.
@@ -289,27 +300,37 @@ def quantize_model(
     if avg_bits is not None:
         recipe = recipe.with_avg_bits(avg_bits)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"output directory {out} already exists; pass --overwrite to replace it")
+    # Cheap checks first, each one line, so that bad input fails before the model is loaded and writes nothing.
+    check_run_args(samples, calib_seqlen, batch_size)
+    named_dir = None if model is None or str(model).strip().lower() == SMOLLM2_ALIAS else Path(model)
+    check_destination(out, overwrite, named_dir)  # again below with the resolved default model's directory
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LowbitError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    torch.manual_seed(seed)
+    model_dir = resolve_model_dir(model)
+    config = check_model_dir(model_dir)
+    check_destination(out, overwrite, model_dir)
+    max_positions = config.get("max_position_embeddings")
+    if isinstance(max_positions, int) and calib_seqlen > max_positions:
+        raise LowbitError(f"--calib-seqlen {calib_seqlen} exceeds the model's max_position_embeddings ({max_positions})")
     texts = calibration_texts(calib)  # read before the (slow) model load so a bad --calib fails fast
-    fmodel, tokenizer, table, model_dir = load_float_model(model)
+    cleaned = remove_leftovers(out)
+    if cleaned and progress:
+        tqdm.write(cleaned, file=sys.stderr)
+    torch.manual_seed(seed)
+    fmodel, tokenizer, table, model_dir = load_float_model(model_dir)
     windows = calibration_windows(texts, tokenizer, samples, calib_seqlen, seed)
     timings["load"] = time.perf_counter() - t0
-    dtype = next(fmodel.parameters()).dtype
-    scale_dtype = recipe.resolved_scale_dtype(dtype)
+    precision = recipe.precision(next(fmodel.parameters()).dtype)
     size_before = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
     base = model_scheme(fmodel, table, recipe)
-    if progress and recipe.method == "gptq" and device == "cpu" and native.enabled() and not gptq_columns.available(scale_dtype):
+    if progress and recipe.method == "gptq" and device == "cpu" and native.enabled() and not gptq_columns.available(precision.dtype):
         tqdm.write("note: GPTQ's C column loop could not be built (no C compiler: install gcc or set CC; or see "
                    "lowbit.native.BUILD_ERRORS): it runs in torch, the same results more slowly", file=sys.stderr)
     allocated, rates = None, None
     if recipe.baq is not None:
         t1 = time.perf_counter()
-        allocated, rates = bit_allocation(fmodel, table, windows, recipe, base, scale_dtype, batch_size, device, progress)
+        allocated, rates = bit_allocation(fmodel, table, windows, recipe, base, precision, batch_size, device, progress)
         release_free_heap()
         timings["allocation"] = time.perf_counter() - t1
     t1 = time.perf_counter()
@@ -320,7 +341,7 @@ def quantize_model(
     for i in bar:
         block = blocks[i].to(device)
         outputs, results = quantize_block(
-            block, f"{table.blocks}.{i}", inputs, table, recipe, dtype, scale_dtype, base, allocated, timings
+            block, f"{table.blocks}.{i}", inputs, table, recipe, precision, base, allocated, timings
         )
         blocks[i] = block.to("cpu")
         inputs.hidden = outputs

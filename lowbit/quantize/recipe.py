@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 import yaml
 
 from lowbit.errors import LowbitError
+from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.quantize.methods import ROUNDERS
 from lowbit.quantize.options import BAQOptions, RoundingOptions
@@ -38,8 +40,9 @@ class Recipe:
         rounding: the rounding method's options.
         baq: bit allocation; when set, each layer's width comes from BAQ and ``weights.bits`` is the
             reference width of its sensitivity measurement.
-        scale_dtype: dtype the scales are stored in; "auto" is the model dtype for 16-bit models and float16
-            for float32 models (float32 scales would cost 32/group bits per weight for no accuracy).
+        scale_dtype: dtype the float scales are stored in; "auto" is the model dtype for 16-bit models and
+            float16 for float32 models (float32 scales would cost 32/group bits per weight for no accuracy).
+            A 16-bit model takes only its own dtype (formats/precision.py).
         ignore: linears kept in float, by module path suffix or ``re:`` regex (the embeddings are never
             quantized: they are not linears).
     """
@@ -62,11 +65,11 @@ class Recipe:
         if self.baq is not None and not self.weights.is_plain_int:
             raise LowbitError(f"BAQ allocates integer widths: its base weights must be an int grid with float scales, not {self.weights.name}")
 
-    def resolved_scale_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        """The dtype scales are stored in for a model of ``model_dtype``."""
-        if self.scale_dtype != "auto":
-            return getattr(torch, self.scale_dtype)
-        return model_dtype if torch.finfo(model_dtype).bits == 16 else torch.float16
+    def precision(self, model_dtype: torch.dtype) -> Precision:
+        """The scale storage and model dtypes for a model of ``model_dtype``, resolved once for the whole run."""
+        if self.scale_dtype == "auto":
+            return Precision.of_model(model_dtype)
+        return Precision(model_dtype, getattr(torch, self.scale_dtype))
 
     def with_avg_bits(self, avg_bits: float) -> "Recipe":
         """This recipe with another BAQ budget (``--avg-bits``); an error for a recipe without BAQ."""
@@ -136,18 +139,50 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _describe(hint: Any) -> str:
+    """How a recipe file spells the type ``hint``: "an integer", "a list of integers or null"..."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    if len(args) < len(typing.get_args(hint)):  # X | None
+        return f"{' or '.join(_describe(a) for a in args)} or null"
+    return _TYPE_NAMES.get(hint, f"a {getattr(hint, '__name__', hint)} mapping")
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the type ``hint`` of a dataclass field (a list becomes a tuple, an integer a float where a
+    number is expected), or a LowbitError that names the field, the expected type and the value."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    for t in [a for a in args if a is not type(None)] if args and origin is not tuple else [hint]:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t in (int, float) and isinstance(value, int) and not isinstance(value, bool):
+            return t(value)
+        if t is float and isinstance(value, float) or t is str and isinstance(value, str):
+            return value
+        if dataclasses.is_dataclass(t) and isinstance(value, t):
+            return value
+    raise LowbitError(f"{where} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
-    """Construct frozen dataclass ``cls`` from a dict, rejecting unknown keys with the list of valid ones."""
+    """Construct frozen dataclass ``cls`` from a dict, rejecting unknown keys with the list of valid ones and
+    values of the wrong type with the type expected."""
     if not isinstance(data, dict):
         raise LowbitError(f"{where} must be a mapping, got {type(data).__name__}")
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(valid))
     if unknown:
         raise LowbitError(f"unknown key(s) {', '.join(unknown)} in {where}; valid: {', '.join(valid)}")
-    try:
-        return cls(**data)
-    except TypeError as e:  # wrong value types surface here
-        raise LowbitError(f"invalid {where}: {e}") from None
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _typed(v, hints[k], f"{where}.{k}") for k, v in data.items()})
 
 
 def recipe_from_dict(data: Any) -> Recipe:
@@ -155,22 +190,9 @@ def recipe_from_dict(data: Any) -> Recipe:
     if not isinstance(data, dict):
         raise LowbitError(f"a recipe must be a mapping, got {type(data).__name__}")
     d = dict(data)
-    if "weights" in d:
-        d["weights"] = _build(WeightScheme, d["weights"], "recipe.weights")
-    if d.get("activations") is not None:
-        d["activations"] = _build(ActScheme, d["activations"], "recipe.activations")
-    if "rounding" in d:
-        d["rounding"] = _build(RoundingOptions, d["rounding"], "recipe.rounding")
-    if d.get("baq") is not None:
-        baq = dict(d["baq"]) if isinstance(d["baq"], dict) else d["baq"]
-        for key in ("widths", "group_sizes"):
-            if isinstance(baq, dict) and isinstance(baq.get(key), list):
-                baq[key] = tuple(baq[key])
-        d["baq"] = _build(BAQOptions, baq, "recipe.baq")
-    if "ignore" in d:
-        if not isinstance(d["ignore"], (list, tuple)) or not all(isinstance(x, str) for x in d["ignore"]):
-            raise LowbitError("recipe.ignore must be a list of strings")
-        d["ignore"] = tuple(d["ignore"])
+    for key, cls in (("weights", WeightScheme), ("activations", ActScheme), ("rounding", RoundingOptions), ("baq", BAQOptions)):
+        if d.get(key) is not None:
+            d[key] = _build(cls, d[key], f"recipe.{key}")
     if "name" not in d:
         raise LowbitError("a recipe needs a 'name'")
     return _build(Recipe, d, "recipe")

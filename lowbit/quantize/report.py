@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
-from lowbit.formats.checkpoint import WEIGHTS_FILE, parse_quantization_config
-from lowbit.quantize.output import REPORT_FILE
+from lowbit.formats.checkpoint import WEIGHTS_FILE, layer_nbytes, parse_quantization_config, tensor_nbytes
+from lowbit.quantize.destination import REPORT_FILE
 from lowbit.quantize.results import QuantizeResult
 
 
@@ -67,7 +67,12 @@ def inspect_dir(directory: Path) -> dict[str, Any]:
     weights = directory / WEIGHTS_FILE
     report_path = directory / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    layers = report.get("layers", [])
+    # Bits per weight from the bytes the files hold for each layer the report lists (its shape gives the count).
+    sizes = tensor_nbytes(directory)
+    layers = [{**l, "bits_per_weight": 8 * layer_nbytes(sizes, l["name"]) / (l["shape"][0] * l["shape"][1])}
+              for l in report.get("layers", [])]
+    n_weights = sum(l["shape"][0] * l["shape"][1] for l in layers)
+    bits = 8 * sum(layer_nbytes(sizes, l["name"]) for l in layers) / n_weights if n_weights else None
     return {
         "directory": str(directory),
         "format": qc.get("format"),
@@ -80,7 +85,7 @@ def inspect_dir(directory: Path) -> dict[str, Any]:
         "ignore": ignore,
         "size_before": report.get("float_bytes"),
         "size_after": weights.stat().st_size if weights.is_file() else None,
-        "bits_per_weight": report.get("bits_per_weight"),
+        "bits_per_weight": bits,
         "group_fallbacks": {l["name"]: l["fallback"] for l in layers if l.get("fallback")},
         "layers": layers,
     }

@@ -23,7 +23,7 @@ class LayerResult:
     strategy: str
     group_size: int | None
     fallback: str | None
-    storage_bits: int
+    storage_bits: int  # bits of the layer's tensors in the checkpoint: codes, scales, zero points, shape
     weight_rel_err: float
     output_rel_err: float
     loss: float | None = None
@@ -34,6 +34,11 @@ class LayerResult:
     @property
     def params(self) -> int:
         return self.shape[0] * self.shape[1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Checkpoint bits of this layer per weight."""
+        return self.storage_bits / self.params
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The registry of rounding methods: name -> pure function of (W, H, scheme).
 
 A rounding method takes the float weight ``W [out, in]``, the Hessian proxy ``H = X^T X / n [in, in]``
-(float32, or None when the method declares it needs none), a WeightScheme, the scale storage dtype and
-the recipe's RoundingOptions, and returns a RoundResult. It touches no hooks, files or printing (DESIGN.md principle 1).
+(float32, or None when the method declares it needs none), a WeightScheme, the Precision (scale storage and
+model dtype, formats/precision.py) and the recipe's RoundingOptions, and returns a RoundResult. It touches no hooks, files or printing (DESIGN.md principle 1).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from lowbit.formats.precision import Precision
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.options import RoundingOptions
@@ -36,7 +37,7 @@ class RoundResult:
 
 class RoundFn(Protocol):
     def __call__(
-        self, W: torch.Tensor, H: torch.Tensor | None, scheme: WeightScheme, scale_dtype: torch.dtype,
+        self, W: torch.Tensor, H: torch.Tensor | None, scheme: WeightScheme, precision: Precision,
         options: RoundingOptions,
     ) -> RoundResult: ...
 
@@ -71,7 +72,7 @@ def round_together(
     Ws: list[torch.Tensor],
     H: torch.Tensor | None,
     scheme: WeightScheme,
-    scale_dtype: torch.dtype,
+    precision: Precision,
     options: RoundingOptions,
 ) -> list[RoundResult]:
     """Round several weights ``[out_i, in]`` that read the same input (one Hessian) with one call.
@@ -84,8 +85,8 @@ def round_together(
     each layer keeps its own tensor-wide scale, as compressed-tensors writes them.
     """
     if len(Ws) == 1 or scheme.strategy == "tensor" or scheme.scale_format == "e4m3":
-        return [method.fn(W, H, scheme, scale_dtype, options) for W in Ws]
-    res = method.fn(torch.cat([W.float() for W in Ws]), H, scheme, scale_dtype, options)
+        return [method.fn(W, H, scheme, precision, options) for W in Ws]
+    res = method.fn(torch.cat([W.float() for W in Ws]), H, scheme, precision, options)
     out, start = [], 0
     for W in Ws:
         stop = start + W.shape[0]

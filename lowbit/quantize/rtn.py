@@ -6,6 +6,7 @@ import torch
 
 from lowbit.formats.grid import GridParams, compute_params, round_values, values_to_codes
 from lowbit.formats.int import mse_clip
+from lowbit.formats.precision import Precision
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.options import RoundingOptions
@@ -13,7 +14,7 @@ from lowbit.quantize.rounding import RoundResult, register_rounder
 
 
 def rtn_weight(
-    W: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype = torch.float32, options: RoundingOptions | None = None
+    W: torch.Tensor, scheme: WeightScheme, precision: Precision = Precision(), options: RoundingOptions | None = None
 ) -> QuantizedWeight:
     """Quantize ``W [out, in]`` (any float dtype) by round-to-nearest, resolving the group fallback first.
 
@@ -23,14 +24,14 @@ def rtn_weight(
     scheme = scheme.for_layer(W.shape[1])
     clip = 1.0
     if options is not None and options.mse_clip and scheme.is_plain_int:
-        clip = mse_clip(W, scheme, scale_dtype, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride)
-    params = compute_params(W, scheme, scale_dtype, clip)
-    return from_values(round_values(W, params, scheme, W.shape[1]), params, scheme, scale_dtype)
+        clip = mse_clip(W, scheme, precision, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride)
+    params = compute_params(W, scheme, precision.scale_dtype, clip)
+    return from_values(round_values(W, params, scheme, W.shape[1]), params, scheme, precision)
 
 
-def from_values(q: torch.Tensor, params: GridParams, scheme: WeightScheme, scale_dtype: torch.dtype) -> QuantizedWeight:
+def from_values(q: torch.Tensor, params: GridParams, scheme: WeightScheme, precision: Precision) -> QuantizedWeight:
     """A QuantizedWeight from grid values ``q [out, in]`` (formats/grid.round_values) and their parameters."""
-    return QuantizedWeight(values_to_codes(q, scheme), params.scale, params.zero, scheme, scale_dtype,
+    return QuantizedWeight(values_to_codes(q, scheme), params.scale, params.zero, scheme, precision,
                            params.global_scale, params.channel_scale)
 
 
@@ -39,8 +40,8 @@ def rtn(
     W: torch.Tensor,
     H: torch.Tensor | None,
     scheme: WeightScheme,
-    scale_dtype: torch.dtype = torch.float32,
+    precision: Precision = Precision(),
     options: RoundingOptions | None = None,
 ) -> RoundResult:
     """The registered RTN method; ``H`` is ignored."""
-    return RoundResult(rtn_weight(W, scheme, scale_dtype, options))
+    return RoundResult(rtn_weight(W, scheme, precision, options))

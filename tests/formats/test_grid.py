@@ -8,8 +8,9 @@ import torch
 from lowbit.formats.blockfp import quantize_mxfp4
 from lowbit.formats.fp import E2M1, E3M2, E4M3, decode_fp, fp_format, round_to_fp
 from lowbit.formats.grid import compute_params, dequantize_values, round_values
+from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme
-from lowbit.formats.storage import empty_buffers, from_buffers, storage_format, to_buffers
+from lowbit.formats.storage import empty_buffers, from_buffers, storage_format, stored_bits, to_buffers
 from lowbit.errors import LowbitError
 from lowbit.quantize.gptq import gptq
 from lowbit.quantize.rtn import rtn_weight
@@ -37,7 +38,7 @@ def _w(out_f: int = 48, in_f: int = 256, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rtn_on_every_grid(name: str, dtype: torch.dtype) -> None:
     scheme, W = GRIDS[name], _w()
-    qw = rtn_weight(W, scheme, dtype)
+    qw = rtn_weight(W, scheme, Precision(dtype, dtype))
     W_hat = qw.dequantize()
     assert torch.equal(W_hat, W_hat.to(dtype).float())  # w_hat is exact in the model dtype
     rel = float((W_hat - W).norm() / W.norm())
@@ -54,7 +55,7 @@ def test_float_codes_are_element_bit_patterns() -> None:
         assert qw.codes.dtype == torch.uint8
         values = decode_fp(qw.codes, fmt)
         assert torch.equal(values, round_to_fp(values, fmt))
-    fp8 = rtn_weight(W, FP8, torch.float16)
+    fp8 = rtn_weight(W, FP8, Precision(torch.float32, torch.float16))
     s = fp8.scale  # [out, 1] row scales exact in fp16, absmax on the grid's max
     assert torch.equal(s, s.half().float())
     assert torch.equal(fp8.codes, (W / s).to(torch.float8_e4m3fn).view(torch.uint8))
@@ -65,7 +66,7 @@ def test_mxfp4_matches_the_block_primitive() -> None:
     qw = rtn_weight(W, MXFP4)
     codes, scale_codes = quantize_mxfp4(W)
     assert torch.equal(qw.codes, codes)
-    assert torch.equal(to_buffers(qw, torch.float32)["weight_scale"], scale_codes)
+    assert torch.equal(to_buffers(qw)["weight_scale"], scale_codes)
 
 
 def test_nvfp4_scales() -> None:
@@ -123,13 +124,14 @@ def test_gptq_on_every_grid_beats_rtn(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", GRIDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_storage_round_trip(name: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype,scale_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float16)])
+def test_storage_round_trip(name: str, dtype: torch.dtype, scale_dtype: torch.dtype) -> None:
     scheme, W = GRIDS[name], _w()
-    qw = rtn_weight(W, scheme, dtype)
-    buffers = to_buffers(qw, dtype)
-    empty = empty_buffers(scheme, 48, 256, dtype)
+    qw = rtn_weight(W, scheme, Precision(dtype, scale_dtype))
+    buffers = to_buffers(qw)
+    empty = empty_buffers(scheme, 48, 256, scale_dtype)
     assert {k: (v.shape, v.dtype) for k, v in buffers.items()} == {k: (v.shape, v.dtype) for k, v in empty.items()}
+    assert stored_bits(scheme, 48, 256, scale_dtype) == 8 * sum(v.numel() * v.element_size() for v in buffers.values())
     back = from_buffers(buffers, scheme, 48, 256, dtype)
     assert torch.equal(back.dequantize(dtype), qw.dequantize(dtype))
     assert torch.equal(back.codes, qw.codes)
@@ -185,7 +187,7 @@ def test_round_together_keeps_one_global_scale_per_layer() -> None:
 
     small, big = _w(seed=1) * 1e-3, _w(seed=2)  # FireQ pre-scales the small one by a power of two, not the big
     for scheme in (NVFP4, FIREQ):
-        res = round_together(ROUNDERS["rtn"], [small, big], None, scheme, torch.float32, RoundingOptions())
+        res = round_together(ROUNDERS["rtn"], [small, big], None, scheme, Precision(), RoundingOptions())
         alone = [rtn_weight(W, scheme) for W in (small, big)]
         for r, a in zip(res, alone):
             assert torch.equal(r.qweight.global_scale, a.global_scale)

@@ -15,7 +15,10 @@ from lowbit.formats.int import (
     quantize_activation_per_token,
     quantize_codes,
 )
+from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme, resolve_group_size
+
+F16_SCALES = Precision(torch.float32, torch.float16)  # a float32 model with float16 scales
 
 
 def test_symmetric_golden() -> None:
@@ -66,13 +69,24 @@ def test_dequantize_error_at_most_half_step(bits: int, sym: bool, group: int | N
 
 
 def test_scale_dtype_rounding_is_shared_by_simulation_and_codes() -> None:
+    """Scales are rounded to their storage dtype; the dequantized weight is the exact product, rounded once to the
+    model dtype (formats/precision.py): exact in float32 with 16-bit scales, rounded for a bfloat16 model."""
     w = torch.randn(8, 64, dtype=torch.float32)
-    s = WeightScheme(bits=4, strategy="group", group_size=32)
+    s = WeightScheme(bits=4, strategy="group", group_size=32, symmetric=False)
     scale, zero = compute_qparams(w, s, torch.bfloat16)
     assert torch.equal(scale, scale.to(torch.bfloat16).float())  # representable in bf16
-    expected = dequantize_codes(quantize_codes(w, scale, zero, s), scale, zero, torch.float32, torch.bfloat16)
+    codes = quantize_codes(w, scale, zero, s)
+    exact = ((codes.double() - zero.double().repeat_interleave(32, dim=1)) * scale.double().repeat_interleave(32, dim=1))
+    expected = dequantize_codes(codes, scale, zero, torch.float32)
+    assert torch.equal(expected.double(), exact)  # a float32 model: the exact products
     assert torch.equal(fake_quantize(w, s, torch.bfloat16), expected)
-    assert torch.equal(expected, expected.to(torch.bfloat16).float())  # dequantized values live in the scale dtype
+    assert not torch.equal(expected, expected.to(torch.bfloat16).float())  # (not rounded to the scale dtype)
+    bf16 = dequantize_codes(codes, scale, zero, torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, exact.to(torch.bfloat16))
+    w16 = w.to(torch.bfloat16)
+    scale16, zero16 = compute_qparams(w16, s, torch.bfloat16)
+    assert torch.equal(fake_quantize(w16, s, torch.bfloat16),
+                       dequantize_codes(quantize_codes(w16, scale16, zero16, s), scale16, zero16, torch.bfloat16))
 
 
 def test_zero_group_does_not_divide_by_zero() -> None:
@@ -140,8 +154,9 @@ def test_for_model_then_for_layer() -> None:
     ],
     ids=lambda s: f"{s.bits}b-{s.strategy}-{'sym' if s.symmetric else 'asym'}",
 )
-@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
-def test_mse_clip_matches_the_shared_primitives(scheme: WeightScheme, scale_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("precision", [Precision(torch.float32, torch.float16), Precision(torch.float16, torch.float16),
+                                       Precision()], ids=str)
+def test_mse_clip_matches_the_shared_primitives(scheme: WeightScheme, precision: Precision) -> None:
     """The search's own arithmetic equals compute_qparams / quantize_codes / dequantize_codes per candidate."""
     from lowbit.formats.int import abs_power_, compute_qparams, dequantize_codes, mse_clip, quantize_codes
 
@@ -151,8 +166,8 @@ def test_mse_clip_matches_the_shared_primitives(scheme: WeightScheme, scale_dtyp
     best_err, best_p = None, None
     for i in range(80):
         p = 1.0 - i / 100
-        scale, zero = compute_qparams(w, scheme, scale_dtype, clip=p)
-        err = dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, torch.float32, scale_dtype) - w
+        scale, zero = compute_qparams(w, scheme, precision.scale_dtype, clip=p)
+        err = dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, precision.dtype).float() - w
         err = abs_power_(err, 2.4).reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
         if best_err is None:
             best_err, best_p = err, torch.full_like(err, p)
@@ -160,7 +175,7 @@ def test_mse_clip_matches_the_shared_primitives(scheme: WeightScheme, scale_dtyp
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_p = torch.where(better, torch.full_like(best_p, p), best_p)
-    assert torch.equal(mse_clip(w, scheme, scale_dtype), best_p)
+    assert torch.equal(mse_clip(w, scheme, precision), best_p)
 
 
 def test_abs_power_is_pow_within_round_off() -> None:
@@ -188,18 +203,18 @@ def test_mse_clip_stride_refines_the_coarse_search() -> None:
 
     def errors(p: torch.Tensor | float) -> torch.Tensor:
         scale, zero = compute_qparams(w, scheme, torch.float16, clip=p)
-        err = dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, torch.float32, torch.float16) - w
+        err = dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, torch.float32) - w
         return err.abs().pow(2.4).reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
 
-    full = mse_clip(w, scheme, torch.float16)
-    coarse = mse_clip(w, scheme, torch.float16, stride=4)
+    full = mse_clip(w, scheme, F16_SCALES)
+    coarse = mse_clip(w, scheme, F16_SCALES, stride=4)
     on_grid = torch.isclose(coarse * 100, torch.round(coarse * 100), atol=1e-3)
     assert bool(on_grid.all()) and bool((coarse > 0.2).all())
     chosen = errors(coarse)
     for i in range(0, 80, 4):
         assert bool((chosen <= errors(1.0 - i / 100)).all())
     assert float((coarse == full).float().mean()) >= 0.9
-    assert torch.equal(mse_clip(w, scheme, torch.float16, stride=1), full)
+    assert torch.equal(mse_clip(w, scheme, F16_SCALES, stride=1), full)
 
 
 def test_mse_clip_keeps_the_full_range_for_non_finite_groups() -> None:
@@ -210,6 +225,6 @@ def test_mse_clip_keeps_the_full_range_for_non_finite_groups() -> None:
     w[2, 5] = float("inf")
     scheme = WeightScheme(bits=4, strategy="group", group_size=32)
     for stride in (1, 4):
-        p = mse_clip(w, scheme, torch.float16, stride=stride)
+        p = mse_clip(w, scheme, F16_SCALES, stride=stride)
         assert p[1, 0] == 1.0 and p[2, 0] == 1.0
         assert bool(((p > 0.2) & (p <= 1.0)).all())

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats.int import fake_quantize, quantize_activation_per_token
+from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.kernels.dispatch import Backend, resolve_backend
 from lowbit.kernels.quant_linear import INT, PACKED, QuantLinear
@@ -64,7 +65,7 @@ def test_state_dict_round_trip(scheme: WeightScheme) -> None:
 def test_bf16_model_dtype() -> None:
     torch.manual_seed(2)
     W = torch.randn(32, 64, dtype=torch.bfloat16)
-    qw = rtn(W, SCHEMES[0], torch.bfloat16)
+    qw = rtn(W, SCHEMES[0], Precision(torch.bfloat16, torch.bfloat16))
     layer = QuantLinear.from_quantized(qw, None, torch.bfloat16)
     assert layer.weight_scale.dtype == torch.bfloat16
     x = torch.randn(2, 64, dtype=torch.bfloat16)
@@ -140,7 +141,7 @@ def test_triton_path_matches_the_reference(name: str, dtype: torch.dtype, device
     scheme, act = TRITON_LAYERS[name]
     torch.manual_seed(0)
     W, b = torch.randn(48, 128) * 0.05, torch.randn(48)
-    layer = QuantLinear.from_quantized(rtn(W, scheme, dtype), act, dtype, b.to(dtype)).to(device)
+    layer = QuantLinear.from_quantized(rtn(W, scheme, Precision.of_model(dtype)), act, dtype, b.to(dtype)).to(device)
     assert layer.kernel_args() != (), f"{name} has no Triton kernel"
     x = torch.randn(2, 3, 128).to(dtype).to(device)
     layer.backend = Backend.TORCH
@@ -179,20 +180,22 @@ def test_auto_falls_back_where_the_kernel_was_measured_slower(monkeypatch: pytes
     assert triton_gemms.wins("w4a16", 12345)
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("name", FP_LAYERS)
-def test_dtype_casts_keep_the_stored_weight(name: str) -> None:
-    """``.to(bfloat16)`` casts float scales and the bias like a float layer, never codes or FP8/float32 scales."""
+def test_dtype_casts_keep_the_stored_weight(name: str, scale_dtype: torch.dtype) -> None:
+    """``.to(bfloat16)`` casts float scales in the model dtype and the bias like a float layer, never codes,
+    FP8/float32 scales or float16 scales of a float32 model."""
     scheme, act = FP_LAYERS[name]
     torch.manual_seed(0)
     W = torch.randn(48, 128) * 0.05
-    layer = QuantLinear.from_quantized(rtn(W, scheme, torch.bfloat16), act, torch.float32, torch.randn(48))
+    layer = QuantLinear.from_quantized(rtn(W, scheme, Precision(torch.float32, scale_dtype)), act, torch.float32, torch.randn(48))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer = layer.to(torch.bfloat16)
     assert layer.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
     after = layer.state_dict()
     assert list(after) == list(before)
     for k, v in before.items():
-        if k == "bias" or (k == "weight_scale" and v.dtype == torch.float32):
+        if k == "bias" or (k == "weight_scale" and v.dtype.is_floating_point and v.dtype.itemsize > 1):
             assert after[k].dtype == torch.bfloat16
             assert torch.equal(after[k].float(), v.bfloat16().float())
         else:

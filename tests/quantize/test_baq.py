@@ -12,11 +12,14 @@ import torch
 import lowbit
 from lowbit.calibrate.stats import InputStats
 from lowbit.errors import LowbitError
+from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.baq import LayerSensitivity, allocate, chain, closed_form_rates, measure
 from lowbit.quantize.recipe import PRESETS
 
 WIDTHS = (2, 3, 4, 8)
+
+F16_SCALES = Precision(torch.float32, torch.float16)  # a float32 model's default: float16 scales
 
 
 def _layers(seed: int = 0, n: int = 12) -> list[LayerSensitivity]:
@@ -78,9 +81,10 @@ def test_measure_is_the_hessian_proxy() -> None:
     W = torch.randn(16, 64, generator=g)
     stats = InputStats(64, "cpu")
     stats.add(torch.randn(256, 64, generator=g))
-    s = measure("x", W, stats, _widths(WeightScheme(bits=4, strategy="group", group_size=32)), torch.float16)
+    s = measure("x", W, stats, _widths(WeightScheme(bits=4, strategy="group", group_size=32)), F16_SCALES)
     assert s.loss[2] > s.loss[3] > s.loss[4] > s.loss[8] > 0
-    assert s.cost[4] == 16 * 64 * 4 + 16 * 2 * 16  # codes + two fp16 scales per row
+    assert s.cost[4] == 16 * 64 * 4 + 16 * 2 * 16 + 2 * 64  # codes + two fp16 scales per row + weight_shape (int64 [2])
+    assert s.cost[8] == 16 * 64 * 8 + 16 * 2 * 16  # int8 codes (int-quantized: no weight_shape)
 
 
 def test_baq_end_to_end(tmp_path: Path, stories_dir: Path) -> None:
@@ -111,11 +115,11 @@ def test_fisher_weights_each_output_channel() -> None:
     stats = InputStats(64, "cpu")
     stats.add(torch.randn(128, 64, generator=g))
     scheme = WeightScheme(bits=4, strategy="group", group_size=32)
-    plain = measure("x", W, stats, _widths(scheme), torch.float16)
+    plain = measure("x", W, stats, _widths(scheme), F16_SCALES)
     F = torch.zeros(8)
     F[3] = 2.0
-    weighted = measure("x", W, stats, _widths(scheme), torch.float16, fisher=F)
-    only_row3 = measure("x", W[3:4], stats, _widths(scheme), torch.float16)
+    weighted = measure("x", W, stats, _widths(scheme), F16_SCALES, fisher=F)
+    only_row3 = measure("x", W[3:4], stats, _widths(scheme), F16_SCALES)
     for b in WIDTHS:
         assert weighted.loss[b] == pytest.approx(2.0 * only_row3.loss[b], rel=1e-5)
         assert weighted.loss[b] < plain.loss[b] * 2.0
@@ -152,7 +156,7 @@ def test_allocation_over_schemes_meets_the_budget() -> None:
                     s = WeightScheme(bits=b, strategy="group", group_size=gs, symmetric=sym)
                     options[s] = s
         refs[f"l{i}"] = WeightScheme(bits=4, strategy="group", group_size=32)
-        layers.append(measure(f"l{i}", W, stats, options, torch.float16))
+        layers.append(measure(f"l{i}", W, stats, options, F16_SCALES))
     for avg in (2.6, 3.3, 4.2):
         choice, rates = allocate(layers, avg, refs, 1.95, bits=lambda k: k.bits)
         spent = sum(l.cost[choice[l.name]] for l in layers)

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from lowbit.formats.int import compute_qparams, quantize_codes
+from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.gptq import gptq
 from lowbit.quantize.options import RoundingOptions
 from lowbit.quantize.refit import refit_group_scales
+
+F16_SCALES = Precision(torch.float32, torch.float16)  # a float32 model's default: float16 scales
 
 
 def _problem(seed: int, n: int = 1024, k: int = 128, out: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +52,8 @@ def test_gptq_with_refit_never_raises_the_layer_error(bits: int, symmetric: bool
     W, H = _problem(1)
     scheme = WeightScheme(bits=bits, strategy="group", group_size=32, symmetric=symmetric)
     base = RoundingOptions(order="gar", static_groups=False, mse_clip=True)
-    plain = gptq(W, H, scheme, torch.float16, base)
-    refit = gptq(W, H, scheme, torch.float16, dataclasses.replace(base, refit_scales=True))
+    plain = gptq(W, H, scheme, F16_SCALES, base)
+    refit = gptq(W, H, scheme, F16_SCALES, dataclasses.replace(base, refit_scales=True))
     assert torch.equal(plain.qweight.codes, refit.qweight.codes)  # only the scales move
     before = _proxy_rows(W, plain.qweight.dequantize(torch.float32), H)
     after = _proxy_rows(W, refit.qweight.dequantize(torch.float32), H)

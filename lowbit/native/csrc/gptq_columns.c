@@ -2,7 +2,7 @@
  *
  * The same arithmetic as the torch loop in lowbit/quantize/gptq.py, operation for operation in float32:
  *   q   = clamp(round_half_even(w / s) (+ z), qmin, qmax)
- *   dq  = (q (- z)) * s, rounded to the scale storage dtype and back (float16 / bfloat16, or kept)
+ *   dq  = (q (- z)) * s, rounded to the model dtype and back (float16 / bfloat16, or kept for float32)
  *   err = (w - dq) / U[i, i]
  *   W[k, :] = W[k, :] - U[i, k] * err          for the block's later columns k (product, then difference)
  * Compiled with -ffp-contract=off and without -ffast-math, so no fused multiply-add or reassociation
@@ -22,7 +22,7 @@
  *                       or the reverse, equal as numbers (and as int codes)
  *   to_float16(x)       x.to(torch.float16).float(): ties to even, subnormals, overflow to inf
  *   to_bfloat16(x)      x.to(torch.bfloat16).float(): ties to even
- *   to_kind(x, kind)    kind 0: x, 1: to_float16, 2: to_bfloat16 (gptq_columns.py SCALE_KINDS) */
+ *   to_kind(x, kind)    kind 0: x, 1: to_float16, 2: to_bfloat16 (gptq_columns.py DTYPE_KINDS) */
 
 static inline uint32_t bits_of(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 static inline float float_of(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
@@ -91,7 +91,7 @@ static void quantize_column_for(const float *w, int64_t rows, const float *s, co
  *   U1   [nb, ldu] the block of the upper inverse-Hessian factor, row-major
  *   s    scales of the rows, column i at s + i * s_step (s_step 0: one scale vector for all columns)
  *   z    zero points (float) likewise, or NULL for a symmetric grid
- *   kind 0: scales kept in float32, 1: dequantized values rounded to float16, 2: to bfloat16
+ *   kind 0: dequantized values kept in float32, 1: rounded to float16, 2: to bfloat16 (the model dtype)
  *   Q, E [nb, ld]  outputs: grid values and scaled errors (w - dq) / U1[i, i] of each column */
 void gptq_columns(float *W1T, int64_t ld, int64_t rows, const float *U1, int64_t ldu, int64_t nb,
                   int64_t i0, int64_t i1, const float *s, int64_t s_step, const float *z, int64_t z_step,
