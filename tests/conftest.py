@@ -88,3 +88,37 @@ def quantized_stories(tmp_path_factory: pytest.TempPathFactory):
         return cache[recipe]
 
     return get
+
+
+def _stored_bytes(out: Path) -> dict[str, int]:
+    """Quantized layer -> bytes of its weight tensors in ``out/model.safetensors`` (``<layer>.weight_*``, and the
+    int8 / fp8 ``<layer>.weight`` of 8-bit formats), read with safetensors itself, independently of lowbit."""
+    from safetensors import safe_open
+
+    sizes: dict[str, int] = {}
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            layer, _, tensor = key.rpartition(".")
+            codes = tensor == "weight" and f.get_slice(key).get_dtype() in ("I8", "F8_E4M3", "F8_E5M2")
+            if layer and (tensor.startswith("weight_") or codes):
+                sizes[layer] = sizes.get(layer, 0) + f.get_tensor(key).nbytes
+    return sizes
+
+
+@pytest.fixture(scope="session")
+def stored_bytes():  # type: ignore[no-untyped-def]
+    """``stored_bytes(out) -> {layer: bytes}``: what a quantized checkpoint's file holds for each quantized linear."""
+    return _stored_bytes
+
+
+@pytest.fixture(scope="session")
+def stored_bits_per_weight():  # type: ignore[no-untyped-def]
+    """``stored_bits_per_weight(out) -> float``: 8 x the bytes of every quantized linear in the file over their
+    weight count (taken from the report's shapes)."""
+    import json
+
+    def bits(out: Path) -> float:
+        layers = json.loads((out / "quantize_report.json").read_text())["layers"]
+        return 8 * sum(_stored_bytes(out).values()) / sum(l["shape"][0] * l["shape"][1] for l in layers)
+
+    return bits

@@ -87,7 +87,7 @@ def test_recipes_lists_presets() -> None:
     assert {"w4a16", "w8a8", "w4a8"} <= set(names)
 
 
-def test_model_inspect_and_eval(stories_dir: Path, tmp_path: Path) -> None:
+def test_model_inspect_and_eval(stories_dir: Path, tmp_path: Path, stored_bits_per_weight) -> None:
     out = tmp_path / "q"
     result = runner.invoke(app, ["model", str(stories_dir), "--recipe", "w4a8", "--out", str(out), "--samples", "4", "--calib-seqlen", "64"])
     assert result.exit_code == 0, result.output
@@ -95,6 +95,9 @@ def test_model_inspect_and_eval(stories_dir: Path, tmp_path: Path) -> None:
     info = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).stdout)
     assert info["schemes"][0]["input_activations"]["num_bits"] == 8
     assert len(info["layers"]) == 35 and info["size_after"] < info["size_before"]
+    assert info["size_after"] == (out / "model.safetensors").stat().st_size
+    assert info["bits_per_weight"] == stored_bits_per_weight(out)  # what inspect prints is what the file holds
+    assert f"bits per weight   {stored_bits_per_weight(out):.3f}" in result.stdout
     text = runner.invoke(app, ["inspect", str(out)]).stdout
     assert "group fallbacks" in text and "per-channel" in text
     ppl = runner.invoke(app, ["eval", "ppl", str(out), "--seqlen", "128", "--limit", "2", "--json"])

@@ -33,26 +33,13 @@ MAX_REL_LOGIT_ERR = {"w8a8": 0.05, "w4a16": 0.35, "w4a8": 0.35, "w4a16-rtn": 0.3
 FIXED_SCALE_DTYPE = {"w4a16-nvfp4": "F8_E4M3", "w4a16-mxfp4": "U8", "w4a8-dgq": "I8", "w4a8-fp8": "F8_E4M3"}
 
 
-def stored_bytes(out: Path) -> dict[str, int]:
-    """Quantized layer -> bytes of its weight tensors in ``out/model.safetensors``, read with safetensors itself."""
-    sizes: dict[str, int] = {}
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            layer, _, tensor = key.rpartition(".")
-            if tensor.startswith("weight_") and layer:
-                sizes[layer] = sizes.get(layer, 0) + f.get_tensor(key).nbytes
-            elif tensor == "weight" and f.get_slice(key).get_dtype() in ("I8", "F8_E4M3", "F8_E5M2"):
-                sizes[layer] = sizes.get(layer, 0) + f.get_tensor(key).nbytes  # int8 / fp8 codes
-    return sizes
-
-
 @pytest.fixture(scope="module")
 def float_model(stories_dir: Path):
     return AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("recipe", PRESETS)
-def test_preset_end_to_end(recipe: str, quantized_stories, float_model, stories_dir: Path) -> None:
+def test_preset_end_to_end(recipe: str, quantized_stories, float_model, stories_dir: Path, stored_bytes) -> None:
     out, result = quantized_stories(recipe)
     assert {"config.json", "model.safetensors", "tokenizer.json", "quantize_report.json"} <= {p.name for p in out.iterdir()}
     assert not list(out.parent.glob(f".{out.name}.tmp-*")), "temporary directory left behind"
