@@ -31,7 +31,7 @@ from lowbit.models.loading import get_module
 
 # Tokens per slice of the output head in the loss's backward: [64, vocab] float32 logits are 12.6 MB for
 # SmolLM2 (49152 words), under the pipeline's 16 MiB mmap threshold, where the whole window's logits, their
-# log-softmax and both gradients (4 x 96 MB) made the pass peak ~270 MiB higher.
+# log-softmax and both gradients would be 4 x 96 MB at once (the pass's peak: BENCHMARKS.md, 2026-11-29, 70ca3af).
 HEAD_CHUNK = 64
 
 

@@ -56,7 +56,7 @@ def _consume(xs: list[Any], fn: Callable[[int, torch.Tensor], torch.Tensor]) -> 
     """``[fn(k, xs[k]) for k]``, each ``xs[k]`` dropped from the list once its result exists.
 
     The per-batch lists are the stream's size (151 MB for SmolLM2's calibration; the down_proj inputs
-    403 MB): holding a list and its successor whole made the block's peak one list larger.
+    403 MB): holding a list and its successor whole would make the block's peak one list larger.
     """
     out = []
     for k in range(len(xs)):

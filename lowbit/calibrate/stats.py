@@ -6,9 +6,9 @@ import torch
 
 
 # X^T X is symmetric: only its lower block triangle is accumulated, as row blocks of about TRI_BLOCK columns
-# (each row block i one GEMM X_i^T X[:, :end_i]), and mirrored on read. On 2 CPU cores that takes 62-72 % of
-# the full product's time (576 inputs: 16.4 vs 22.9 ms per 4096 tokens; 1536: 84.5 vs 136 ms); blocks much
-# narrower than ~96 columns run the GEMMs below their peak.
+# (each row block i one GEMM X_i^T X[:, :end_i]), and mirrored on read: on the CPU that costs clearly less than
+# the full product (BENCHMARKS.md, 2026-11-28, code of 92d95fb); blocks much narrower than ~96 columns run the
+# GEMMs below their peak.
 TRI_BLOCK = 96
 TRI_MAX_BLOCKS = 6
 
@@ -29,7 +29,7 @@ class InputStats:
     normalised on read: ``hessian() = X^T X / n_tokens`` (``[in, in]`` float32, exactly symmetric), the mean
     outer product over all tokens. ``absmax`` (float32 ``[in]``, or None unless ``absmax=True``) is
     ``max |x|`` per input channel, for scalings such as SmoothQuant's; GPTQ and BAQ do not read it, and its
-    two reductions cost 0.3 s per SmolLM2 block (3 % of a w4a16 run), so it is off by default.
+    two reductions cost time in every block (BENCHMARKS.md, 2026-11-29, code of 06cb03f), so it is off by default.
     """
 
     def __init__(self, in_features: int, device: torch.device | str, hessian: bool = True, absmax: bool = False) -> None:
@@ -45,7 +45,7 @@ class InputStats:
         X = x.reshape(-1, self.in_features).float()  # [tokens, in]
         self.n_tokens += X.shape[0]
         if self.absmax is not None:
-            # max(amax, -amin): two reductions without X.abs()'s [tokens, in] temporary (half the time)
+            # max(amax, -amin): two reductions without X.abs()'s [tokens, in] temporary
             self.absmax = torch.maximum(self.absmax, torch.maximum(X.amax(dim=0), X.amin(dim=0).neg_()))
         if self._H is not None:
             for start, end in zip(self._blocks[:-1], self._blocks[1:]):

@@ -122,9 +122,8 @@ def abs_power_(e: torch.Tensor, norm: float) -> torch.Tensor:
     """``|e|^norm`` in place (float32), the error measure of :func:`mse_clip`.
 
     Computed as ``exp(norm * log|e|)``: on the CPU torch's ``pow`` with a non-integer exponent is a scalar
-    loop (6.6 ms per million elements on this project's machine, 60 % of the whole search) while log and exp
-    are vectorised (1.4 ms). The two agree to ~1e-6 relative; 0 stays 0, inf and NaN stay. ``norm = 2`` is
-    squared exactly.
+    loop, while log and exp are vectorised and several times faster (BENCHMARKS.md, 2026-11-28, code of
+    92d95fb). The two agree to ~1e-6 relative; 0 stays 0, inf and NaN stay. ``norm = 2`` is squared exactly.
     """
     e.abs_()
     return e.square_() if norm == 2 else e.log_().mul_(norm).exp_()
@@ -159,11 +158,11 @@ def _clip_errors(
 
 
 # Elements per chunk of candidates evaluated by one call: each temporary ([C, o, G, g] float32) stays just
-# under 1 MiB. Measured while the pipeline's glibc mmap threshold was 1 MiB (pipeline.limit_heap_fragmentation,
-# now 16 MiB): 4 MiB temporaries were each a fresh mmap whose page faults cost as much as the arithmetic
-# (15.2 vs 4.1 ms per million elements); 1 MiB chunks also stay in the L2 cache between ops. A weight larger than the chunk (GPTQ's on-the-fly
-# groups of more than ~4000 rows, the static and RTN searches over a whole layer) still evaluates one
-# candidate per call, in larger temporaries.
+# under 1 MiB, so it stays in the L2 cache between ops, and under any glibc mmap threshold of 1 MiB or more
+# (pipeline.limit_heap_fragmentation) it comes from the heap, not from a fresh mmap whose page faults cost as
+# much as the arithmetic (BENCHMARKS.md, 2026-11-28, code of 92d95fb). A weight larger than the chunk
+# (GPTQ's on-the-fly groups of more than ~4000 rows, the static and RTN searches over a whole layer) still
+# evaluates one candidate per call, in larger temporaries.
 CLIP_CHUNK = 255 << 10
 
 

@@ -106,8 +106,8 @@ SMEM_BUDGET = 200 * 1024
 
 # Decode (M <= 16) on the GPU: a bandwidth-bound GEMV needs many small programs in flight per SM to hide HBM
 # latency (see gemm_config). Shared with fp_weight.py and w8a8.int4_gemm_config.
-DECODE_BLOCK_N, DECODE_BLOCK_K, DECODE_STAGES = 64, 128, 3  # w4a16_sweep.py: 3 stages beat 4 at M = 16
-DECODE_PROGRAMS_PER_SM = 12  # benchmarks/w4a16_sweep.py: 6 lost to 12 on 5 of 6 Llama shapes at M = 16
+DECODE_BLOCK_N, DECODE_BLOCK_K, DECODE_STAGES = 64, 128, 3  # w4a16_sweep.py at M = 16: see gemm_config
+DECODE_PROGRAMS_PER_SM = 12  # w4a16_sweep.py at M = 16: see gemm_config
 
 # How a K tile of BLOCK_K columns meets the quantization groups (GROUP_MODE, a kernel constexpr).
 TILE_IN_GROUP = 0  # group_size % BLOCK_K == 0: one scale per row and K tile (channel-wise, large groups)
@@ -156,12 +156,10 @@ def gemm_config(
     ``M <= 16`` (decode) is memory bound: a GEMV must keep enough weight loads in flight to cover HBM latency,
     which one 4-warp program per SM cannot. So decode runs small programs (``16 x 64 x 128`` tiles on 4 warps, 3
     stages) and splits K until about :data:`DECODE_PROGRAMS_PER_SM` programs per SM run (at most 16 ways, never
-    an empty split); e.g. on 132 SMs ``N x K = 11008 x 4096`` runs 172 N tiles x 8 splits. Measured on an H200
-    with the earlier one-graph-per-call timing (M = 1, 11008 x 4096): 26 us at 6 programs per SM, vs 41 us for
-    the former one-program-per-SM 64 x 256 config. At M = 16 (benchmarks/results/w4a16_sweep_h200.json), 12
-    programs per SM and 3 stages ran 24.8 us at 11008 x 4096 against 26.1 us for 6 and 4 stages, and matched
-    or beat it on the other Llama shapes; the FP4/FP6 and float32-activation configs share these constants
-    untuned.
+    an empty split); e.g. on 132 SMs ``N x K = 11008 x 4096`` runs 172 N tiles x 8 splits. On the H200 many
+    small programs per SM beat one large program per SM, and at M = 16 12 programs per SM with 3 stages matched
+    or beat 6 with 4 stages on every Llama shape (BENCHMARKS.md, 2026-11-28, code of 0848ccf); the FP4/FP6 and
+    float32-activation configs share these constants untuned.
     ``M <= 64`` uses ``BLOCK_M x 128 x 64`` tiles, larger M ``128 x 128 x 64`` on 8 warps, no split. Float32
     activations (``act_bytes == 4``: an IEEE dot on the FMA units, where larger tiles spill registers) use
     ``BLOCK_M x 64 x 32`` with ``BLOCK_M`` 16, 32 or 64 on 4, 4 or 8 warps, split as decode for ``M <= 16``.

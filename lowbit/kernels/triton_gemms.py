@@ -22,10 +22,10 @@ MX_BLOCK, NV_BLOCK = 32, 16
 # points "auto" runs the kernel only if it won at both; elsewhere it takes the dequantized-weight path (the
 # fp16 matmul on a cached decoded weight), so no layer runs slower than fp16. An explicit "triton" backend
 # always runs the kernel. None: not measured, the kernel always runs.
-# Measured 2026-11-28 (BENCHMARKS.md, fourth kernel section: one CUDA graph of 10 calls per timing): only W4A16
-# at M = 1 beat fp16 on every shape (1.11x-1.37x on five shapes; k/v's 1.70x is an upper bound, its weights
-# could sit in L2); elsewhere "auto" on CUDA takes the cached fp16 weight (fp16 memory!), and backend="triton"
-# keeps the packed weights. Measured for fp16 activations, symmetric INT4, group 128.
+# Measured 2026-11-28 on the code of commit 0848ccf (BENCHMARKS.md, kernel speed of that date and commit): only
+# W4A16 at M = 1 beat fp16 on every shape; elsewhere "auto" on CUDA takes the cached fp16 weight (fp16
+# memory!), and backend="triton" keeps the packed weights. Measured for fp16 activations, symmetric INT4,
+# group 128.
 MEASURED_M = (1, 16, 64, 256, 1024, 4096)
 FASTER_THAN_FP16: dict[str, frozenset[int] | None] = {
     "w4a16": frozenset({1}), **{kind: frozenset() for kind in ("fp4", "fp6", "w8a8_int8", "w8a8_fp8", "a8w4", "int4_fp8")}

@@ -106,8 +106,8 @@ def _check_w4a16(
 
 
 # GEMV path (no tl.dot): see gemv_config and _w4a16_gemv_kernel. It handles M <= GEMV_KERNEL_MAX_M, but the
-# launcher takes it only for M <= GEMV_MAX_M: on the H200 (BENCHMARKS.md) it matched or beat the tl.dot path
-# at M = 1 on 4 of 6 Llama shapes (e.g. 29.5 vs 30.8 us at 11008 x 4096) and was 2-3x slower at M = 16.
+# launcher takes it only for M <= GEMV_MAX_M: on the H200 it matched or beat the tl.dot path at M = 1 on most
+# Llama shapes and was much slower at M = 16 (BENCHMARKS.md, 2026-11-28, code of commit 7fe429f).
 GEMV_KERNEL_MAX_M = 16
 GEMV_MAX_M = 1
 GEMV_WARPS = 4
@@ -130,11 +130,10 @@ def gemv_config(M: int, N: int, K: int, device: torch.device, group_size: int | 
     loads). K is split (float32 atomics into a zeroed buffer, then a cast) only when the N tiles give fewer than
     :data:`GEMV_NO_SPLIT_TILES_PER_SM` per SM (N <= 256 rows on 132 SMs: fewer than 33 tiles), so that
     ``N/8 * split`` reaches about :data:`GEMV_PROGRAMS_PER_SM` programs per SM; otherwise the output is stored
-    directly in its dtype. Chosen by benchmarks/w4a16_sweep.py on the H200 (BENCHMARKS.md), M = 1: these tiles
-    without a split ran 9.4 us at 4096 x 4096 (fp16: 12.9 us), 21.5 us at 4096 x 11008 (27.7) and 4.6 us at
-    1024 x 4096 (7.7), where the former 16 x 512 tiles without prefetch, split to 8 programs per SM, ran 14.5,
-    31.8 and 6.8 us (benchmarks/results/w4a16_sweep_h200_before.json): the split's zero fill and cast cost
-    more than the extra programs win on those shapes (all N >= 1024); the small-N split rule is not measured.
+    directly in its dtype. Chosen by benchmarks/w4a16_sweep.py on the H200 (BENCHMARKS.md, 2026-11-28, code of
+    0848ccf): at M = 1 these tiles without a split beat fp16 and split 16 x 512 tiles on every swept shape (all
+    N >= 1024), where the split's zero fill and cast cost more than the extra programs win; the small-N split
+    rule is not measured.
     Under the interpreter: 64 x 128 tiles, a pretend 16-program device.
     """
     block_m = 1 << max(0, (M - 1).bit_length())

@@ -117,8 +117,9 @@ def gptq(
         raise ValueError("gptq needs the input Hessian H")
     threads = torch.get_num_threads()
     # torch's intra-op pool at one thread outside the large products: the loop's torch ops are too small to
-    # share, and with the cores busy (another job, or the OpenMP pool of a second process) two threads made
-    # them 50x slower. The C column loop uses ``threads`` row slices of its own (native/gptq_columns.py).
+    # share, and with the cores busy (another job, or the OpenMP pool of a second process) two threads
+    # oversubscribe them (BENCHMARKS.md, 2026-11-23, code of 1b8ee2c). The C column loop uses ``threads`` row
+    # slices of its own (native/gptq_columns.py).
     with _num_threads(1):
         return _gptq(W, H, scheme.for_layer(W.shape[1]), precision, options, threads)
 
@@ -133,7 +134,7 @@ def _gptq(
     Everything that depends on H alone (dead columns, order, damping, the inverse factor U) is done once;
     the column loop then runs on all rows at once: in C on ``threads`` row slices (a row's codes, scales
     and loss depend only on that row, and the C call releases the GIL), or in torch on one thread (there
-    two threads contend for the GIL: SmolLM2 blocks 0-1 took 4.7-5.3 s against 4.1-4.5 s on one).
+    two threads contend for the GIL and are slower: BENCHMARKS.md, 2026-11-29, code of fbfe5ce).
     """
     out_f, in_f = W.shape
     W = W.float().clone()
@@ -144,7 +145,7 @@ def _gptq(
 
     gs = scheme.columns_per_scale(in_f) if scheme.strategy != "tensor" else in_f
     perm = column_order(H.diagonal(), gs, options.order)
-    with _num_threads(threads):  # 1536 x 1536 on 2 cores: 0.12 s instead of 0.26 s
+    with _num_threads(threads):  # dense: every core helps (BENCHMARKS.md, 2026-11-28, code of 92d95fb)
         U, note = inverse_hessian_factor(H[perm][:, perm], options.damp)
     if U is None:
         return RoundResult(rtn_weight(W, scheme, precision, options), None, f"{note}: fell back to RTN")
@@ -222,7 +223,8 @@ def _column_loop(
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
         # The block's columns as rows (W1T [i2 - i1, rows]): each column is contiguous, and so is each
-        # rank-1 update below (30 % faster than on [rows, cols] for the same elementwise arithmetic).
+        # rank-1 update below (faster than on [rows, cols] for the same arithmetic: BENCHMARKS.md, 2026-11-28,
+        # code of d6d3c68).
         W1T, U1 = Wp[:, i1:i2].t().contiguous(), U[i1:i2, i1:i2]
         if static:
             s_cols, z_cols = s_all[:, i1:i2], (None if z_all is None else z_all[:, i1:i2])

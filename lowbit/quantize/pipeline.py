@@ -56,12 +56,13 @@ def limit_heap_fragmentation() -> None:
     """Have glibc serve every allocation of 16 MiB or more with its own mmap, returned to the OS on free.
 
     The calibration pass allocates and frees tensors of 1-400 MB in changing sizes; with glibc's default
-    dynamic threshold those end up in the heap after the first frees, which fragments: SmolLM2 w4a16 peaked
-    at 2656 MiB (over the float model + 2 GiB). A fixed 1 MiB threshold kept the peak at 2084 MiB but made
-    every temporary of the forward pass a fresh mmap whose pages the kernel faults in and zeroes: 36.7 M
-    page faults, 132 s of system time, 334 s. At 16 MiB (batch activations of [8, 512, 576] float32, 9.4 MB,
-    reuse heap memory; the 25 MB MLP tensors and larger still get their own mmap): 2448 MiB, 32 s of system
-    time, 239 s (`/usr/bin/time -v`, 2 cores). A no-op where the C library is not glibc.
+    dynamic threshold those end up in the heap after the first frees, which fragments: SmolLM2 w4a16 peaks
+    over the float model + 2 GiB. A low fixed threshold (1 MiB) keeps the peak down but makes every temporary
+    of the forward pass a fresh mmap whose pages the kernel faults in and zeroes, at a large cost in system
+    time. At 16 MiB the batch activations ([8, 512, 576] float32, 9.4 MB) reuse heap memory and the 25 MB MLP
+    tensors and larger still get their own mmap: under the memory target, and nearly as fast as glibc's
+    default (BENCHMARKS.md, 2026-11-28, the allocator table, code of cb06c95). A no-op where the C library is
+    not glibc.
     """
     libc = _glibc()
     if libc is not None:
@@ -74,7 +75,8 @@ def release_free_heap() -> None:
 
     Called after BAQ's sensitivity pass: its 400 MB of Hessians (allocations under the 16 MiB mmap
     threshold) and the autograd buffers are freed between live blocks of the heap, which glibc keeps
-    resident; the rounding pass then started 2.2 GiB high instead of at the float model's size.
+    resident: without the trim the rounding pass starts with them still counted (BENCHMARKS.md, 2026-11-29,
+    code of 70ca3af).
     """
     libc = _glibc()
     if libc is not None:

@@ -89,10 +89,10 @@ class Recipe:
 
 INT4_G128 = WeightScheme(bits=4, strategy="group", group_size=128, symmetric=True)
 GPTQ = "gptq"
-# Measured on SmolLM2-135M w4a16 (BENCHMARKS.md): act-order + static groups 27.00, group-aware order with
-# on-the-fly group scales and the MSE clipping search 25.53, and with the scales refit after GPTQ 25.09
-# (float 20.71, RTN 28.68); the presets use the last, with the clipping search coarse-to-fine (every 4th
-# candidate, then the best one's neighbours: 26 of 80 evaluations; 25.05 vs 25.18, 334 vs 358 s).
+# The presets' GPTQ: group-aware order with on-the-fly group scales, the MSE clipping search and the scales
+# refit after GPTQ, the best of the settings measured on SmolLM2-135M w4a16 (BENCHMARKS.md, 2026-11-23 and
+# 2026-11-28); the clipping search coarse-to-fine (every 4th candidate, then the best one's neighbours: 26 of
+# 80 evaluations), as good as the full search there and faster (BENCHMARKS.md, 2026-11-28, code of 92d95fb).
 GPTQ_BEST = RoundingOptions(order="gar", static_groups=False, mse_clip=True, clip_stride=4, refit_scales=True)
 
 PRESETS: dict[str, Recipe] = {
@@ -110,8 +110,8 @@ PRESETS: dict[str, Recipe] = {
                INT4_G128, method=GPTQ),
         Recipe("w2a16", "INT2 asymmetric group-64 weights, GPTQ (group-aware order, MSE clipping, scale refit)",
                WeightScheme(bits=2, strategy="group", group_size=64, symmetric=False), method=GPTQ, rounding=GPTQ_BEST),
-        # SmolLM2 (BENCHMARKS.md): widths {2,3,4,8} x {model's group, 128} 27.90; adding widths 5 and 6 and
-        # group 32 26.998 (v_proj takes 5-6 bits in most blocks, the MLPs 3 bits).
+        # Widths 5 and 6 and group 32 as well as {2,3,4,8} x {model's group, 128}: SmolLM2's v_proj layers take
+        # them, and the model is better for it (BENCHMARKS.md, 2026-11-28, code of d6d3c68).
         Recipe("baq-3.5", "BAQ: per-layer INT2/3/4/5/6/8, group 32, 128 or the model's, symmetric or asymmetric, at 3.5 "
                "average bits (scales and zero points counted), GPTQ rounding",
                INT4_G128, method=GPTQ, rounding=GPTQ_BEST,
