@@ -10,6 +10,7 @@ output that a killed run had moved aside but not yet replaced).
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -65,7 +66,7 @@ def _staged(out: Path, kind: str) -> list[tuple[Path, int | None]]:
     names without one)."""
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.{kind}-(?:(\d+)-)?[^/]*$")
     found = []
-    for p in sorted(out.parent.glob(f".{out.name}.{kind}-*")) if out.parent.is_dir() else []:
+    for p in sorted(out.parent.glob(glob.escape(f".{out.name}.{kind}-") + "*")) if out.parent.is_dir() else []:
         m = pattern.match(p.name)
         if m and p.is_dir():
             found.append((p, int(m.group(1)) if m.group(1) else None))

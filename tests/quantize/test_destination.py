@@ -145,13 +145,13 @@ def test_leftovers_of_killed_runs_are_removed(stories_dir: Path, tmp_path: Path)
 
 
 def test_an_output_moved_aside_by_a_killed_run_is_put_back(tmp_path: Path) -> None:
-    out = tmp_path / "o"
-    aside = tmp_path / f".o.old-{_dead_pid()}-abc" / "x"
+    out = tmp_path / "o[1]"  # glob characters in the name are taken literally
+    aside = tmp_path / f".o[1].old-{_dead_pid()}-abc" / "x"
     aside.mkdir(parents=True)
     (aside / "quantize_report.json").write_text("{}")
     line = remove_leftovers(out)
     assert line is not None and "back in place" in line
-    assert (out / "quantize_report.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    assert (out / "quantize_report.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["o[1]"]
     assert remove_leftovers(out) is None
 
 
