@@ -179,12 +179,13 @@ def mse_clip(
 
     Candidates are ``p_i = 1 - i/grid`` for ``i < max_shrink * grid``; returns float32 ``[out, G]``
     (``[1, 1]`` for a tensor scheme), to pass to :func:`compute_qparams` as ``clip``. The smallest ``i``
-    (largest ``p``) wins a tie; each candidate's error is that of the weight as stored and run (``precision``). ``stride = 1`` evaluates every candidate (the reference search);
-    ``stride = k > 1`` evaluates every k-th candidate, then the k - 1 neighbours on each side of each
-    group's best one, about ``n/k + 2k - 2`` evaluations instead of ``n``: the same choice wherever the
-    error, sampled every k candidates, has its minimum in the right basin. Chunks of candidates are
-    evaluated on the worker threads (formats/parallel.py; torch releases the GIL inside each op) and the
-    choice is made afterwards by candidate index, so the result does not depend on the threading.
+    (largest ``p``) wins a tie; each candidate's error is that of the weight as stored and run (``precision``).
+    ``stride = 1`` evaluates every candidate (the reference search); ``stride = k > 1`` evaluates every k-th
+    candidate, then the k - 1 neighbours on each side of each group's best one, about ``n/k + 2k - 2`` evaluations
+    instead of ``n``: the same choice wherever the error, sampled every k candidates, has its minimum in the right
+    basin. Chunks of candidates are evaluated on the worker threads (formats/parallel.py; torch releases the GIL
+    inside each op) and the choice is made afterwards by candidate index, so the result does not depend on the
+    threading.
     """
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")

@@ -115,8 +115,8 @@ def buffer_specs(
 
 def stored_bits(scheme: WeightScheme, out_f: int, in_f: int, scale_dtype: torch.dtype) -> int:
     """Bits a layer of ``scheme`` takes in the checkpoint: every tensor of :func:`buffer_specs`, whole words."""
-    return sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size() * 8
-               for shape, dtype in buffer_specs(scheme, out_f, in_f, scale_dtype).values())
+    specs = buffer_specs(scheme, out_f, in_f, scale_dtype).values()
+    return sum(math.prod(shape) * dtype.itemsize * 8 for shape, dtype in specs)
 
 
 def empty_buffers(scheme: WeightScheme, out_f: int, in_f: int, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:

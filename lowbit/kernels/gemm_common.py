@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats.precision import FLOAT_DTYPES
 
 try:
     import triton
@@ -24,7 +25,6 @@ try:
 except ImportError:  # torch-only installs (no Linux GPU wheel): the references still work
     triton = None
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SMALL_M = 16  # at or below this many rows the split-K (GEMV-like) configuration is used
 
 

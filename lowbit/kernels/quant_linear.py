@@ -99,10 +99,6 @@ class QuantLinear(nn.Module):
         """Decode the buffers back to a QuantizedWeight."""
         return from_buffers(self._stored(), self.scheme, self.out_features, self.in_features, self.dtype)
 
-    def stored_bits(self) -> int:
-        """Bits of the quantized weight's tensors (this layer's buffers: what a checkpoint holds for it)."""
-        return sum(b.numel() * b.element_size() * 8 for b in self.buffers(recurse=False))
-
     def dequantized_weight(self) -> torch.Tensor:
         """``W_hat [out, in]`` in the model dtype, decoded once and cached (the torch path trades memory for speed)."""
         if self._w_hat is None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.arch import ArchTable, arch_table
-from lowbit.models.smollm2 import SMOLLM2_ALIAS, materialize_smollm2
+from lowbit.models.smollm2 import SMOLLM2_ALIAS, materialize_smollm2, smollm2_dir
 
 if TYPE_CHECKING:  # transformers takes seconds to import; only load_float_model needs it at runtime
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -69,6 +69,16 @@ def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
+def _is_default(model: str | Path | None) -> bool:
+    return model is None or (isinstance(model, str) and model.strip().lower() == SMOLLM2_ALIAS)
+
+
+def model_path(model: str | Path | None) -> Path:
+    """The directory a model argument names, without checking or creating it (the default model's cache
+    directory, converted or not): what a run must not write over."""
+    return smollm2_dir() if _is_default(model) else Path(model).expanduser()  # type: ignore[arg-type]
+
+
 def resolve_model_dir(model: str | Path | None) -> Path:
     """Turn a model argument into a local Hugging Face directory.
 
@@ -79,7 +89,7 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     Raises:
         LowbitError: the path does not exist, is not a directory, or has no config.json.
     """
-    if model is None or (isinstance(model, str) and model.strip().lower() == SMOLLM2_ALIAS):
+    if _is_default(model):
         return materialize_smollm2()
     path = Path(model).expanduser()
     if not path.exists():

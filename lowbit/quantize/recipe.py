@@ -161,13 +161,9 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     for t in [a for a in args if a is not type(None)] if args and origin is not tuple else [hint]:
-        if t is bool and isinstance(value, bool):
-            return value
-        if t in (int, float) and isinstance(value, int) and not isinstance(value, bool):
-            return t(value)
-        if t is float and isinstance(value, float) or t is str and isinstance(value, str):
-            return value
-        if dataclasses.is_dataclass(t) and isinstance(value, t):
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, t) and (t is bool or not isinstance(value, bool)):  # int, str, bool, dataclasses
             return value
     raise LowbitError(f"{where} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
 

@@ -69,10 +69,11 @@ def inspect_dir(directory: Path) -> dict[str, Any]:
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     # Bits per weight from the bytes the files hold for each layer the report lists (its shape gives the count).
     sizes = tensor_nbytes(directory)
-    layers = [{**l, "bits_per_weight": 8 * layer_nbytes(sizes, l["name"]) / (l["shape"][0] * l["shape"][1])}
-              for l in report.get("layers", [])]
+    layers = report.get("layers", [])
+    nbytes = {l["name"]: layer_nbytes(sizes, l["name"]) for l in layers}
+    layers = [{**l, "bits_per_weight": 8 * nbytes[l["name"]] / (l["shape"][0] * l["shape"][1])} for l in layers]
     n_weights = sum(l["shape"][0] * l["shape"][1] for l in layers)
-    bits = 8 * sum(layer_nbytes(sizes, l["name"]) for l in layers) / n_weights if n_weights else None
+    bits = 8 * sum(nbytes.values()) / n_weights if n_weights else None
     return {
         "directory": str(directory),
         "format": qc.get("format"),
