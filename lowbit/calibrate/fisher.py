@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calibrate.staged import input_of_linear
+from lowbit.kernels.online import hook_linear_input
 from lowbit.calibrate.stats import InputStats
 from lowbit.models.arch import ArchTable
 from lowbit.models.loading import get_module
@@ -95,7 +96,7 @@ def collect_sensitivity_stats(
                 continue
             first = get_module(block, members[0])
             shared = InputStats(first.in_features, "cpu")
-            handles.append(first.register_forward_pre_hook(lambda _m, args, acc=shared: acc.add(args[0].detach())))
+            handles.append(hook_linear_input(first, lambda x, acc=shared: acc.add(x.detach())))
             for n in members:
                 linear = get_module(block, n)
                 inputs[f"{table.blocks}.{i}.{n}"] = shared

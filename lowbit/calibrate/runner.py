@@ -2,6 +2,9 @@
 
 Only one block's calibration activations live in memory: the inputs of the current block (a list of
 ``[b, L, D]`` batches) and, while it runs, its outputs, which become the next block's inputs.
+
+The runners use ``no_grad`` rather than ``inference_mode``: their tensors are ordinary tensors, so a learned
+transform can later train on them (inference tensors refuse autograd).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from lowbit.calibrate.stats import InputStats
+from lowbit.kernels.online import hook_linear_input
 from lowbit.models.arch import ArchTable
 from lowbit.models.loading import get_module
 
@@ -58,7 +62,7 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, table: ArchTable, windows: torch.Tensor, batch_size: int, device: torch.device | str
 ) -> BlockInputs:
@@ -85,7 +89,7 @@ def capture_block_inputs(
     return BlockInputs(hidden, kwargs)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, stats: dict[str, InputStats] | None = None,
               modules: dict[str, nn.Module] | None = None, keep_outputs: bool = True) -> list[torch.Tensor]:
     """Run ``block`` on every batch of ``inputs``; return the outputs (``[b, L, D]`` per batch).
@@ -98,7 +102,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, stats: dict[str, InputStats
     handles = []
     for name, acc in (stats or {}).items():
         module = (modules or {})[name]
-        handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+        handles.append(hook_linear_input(module, lambda x, acc=acc: acc.add(x)))
     outputs = []
     try:
         for h, kw in zip(inputs.hidden, inputs.kwargs):

@@ -18,11 +18,16 @@ from torch import nn
 
 from lowbit.calibrate.runner import BlockInputs
 from lowbit.calibrate.stats import InputStats
+from lowbit.kernels.online import hook_linear_input
 from lowbit.models.arch import ArchTable
 from lowbit.models.loading import get_module
 
 # (index of the sub-group in table.sequential, statistics of its input) -> None; may swap modules in the block.
 GroupCallback = Callable[[int, InputStats], None]
+# (index of the sub-group, its input per batch, the block's keyword arguments per batch) -> True if it changed the
+# block so that the input must be computed again. Runs before the statistics are taken and the input is consumed:
+# a data-dependent transform (SmoothQuant) measures the input here and folds its scales into the block.
+StageHook = Callable[[int, list[torch.Tensor], list[dict[str, Any]]], bool]
 
 
 class _Stop(Exception):
@@ -30,17 +35,18 @@ class _Stop(Exception):
 
 
 def input_of_linear(block: nn.Module, branch: nn.Module, linear: str, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """Run ``branch`` on ``x`` up to ``linear`` (a path in ``block``) and return that linear's input.
+    """Run ``branch`` on ``x`` up to ``linear`` (a path in ``block``) and return what its weight multiplies.
 
-    Nothing after ``linear`` runs: a pre-hook captures the input and stops the forward.
+    Nothing after ``linear`` runs: a hook captures the input (after the linear's online input transform, if it
+    has one: kernels/online.py) and stops the forward.
     """
     captured: list[torch.Tensor] = []
 
-    def grab(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        captured.append(args[0])
+    def grab(x: torch.Tensor) -> None:
+        captured.append(x)
         raise _Stop
 
-    handle = get_module(block, linear).register_forward_pre_hook(grab)
+    handle = hook_linear_input(get_module(block, linear), grab)
     try:
         branch(x, **kwargs)
     except _Stop:
@@ -72,8 +78,10 @@ def _stats(xs: list[torch.Tensor]) -> InputStats:
     return acc
 
 
-@torch.inference_mode()
-def run_block_staged(block: nn.Module, table: ArchTable, inputs: BlockInputs, on_group: GroupCallback) -> list[torch.Tensor]:
+@torch.no_grad()
+def run_block_staged(
+    block: nn.Module, table: ArchTable, inputs: BlockInputs, on_group: GroupCallback, before: StageHook | None = None,
+) -> list[torch.Tensor]:
     """Run ``block`` stage by stage on every batch, calling ``on_group`` between stages.
 
     Args:
@@ -81,6 +89,8 @@ def run_block_staged(block: nn.Module, table: ArchTable, inputs: BlockInputs, on
         inputs: the block's inputs (``[b, L, D]`` per batch) and keyword arguments.
         on_group: called with (sub-group index 0..3, statistics of that sub-group's input) once all
             batches have produced the input; it may replace the sub-group's linears in ``block``.
+        before: called first for the two norm outputs (sub-groups 0 and 2) with the input per batch; when it
+            returns True (it changed the norm or its readers) the input is computed again.
 
     Returns:
         the block's outputs ``[b, L, D]`` per batch, computed with whatever modules ``on_group`` installed.
@@ -94,11 +104,15 @@ def run_block_staged(block: nn.Module, table: ArchTable, inputs: BlockInputs, on
     hidden = inputs.hidden
 
     xs = [get_module(block, norm1)(h) for h in hidden]
+    if before is not None and before(0, xs, inputs.kwargs):
+        xs = [get_module(block, norm1)(h) for h in hidden]
     on_group(0, _stats(xs))
     o_in = _consume(xs, lambda k, x: input_of_linear(block, attn, o_proj, x, inputs.kwargs[k]))
     on_group(1, _stats(o_in))
     _consume(o_in, lambda k, a: hidden[k].add_(get_module(block, o_proj)(a)))  # h1 = h + attn(norm1(h))
     ms = [get_module(block, norm2)(h) for h in hidden]
+    if before is not None and before(2, ms, inputs.kwargs):
+        ms = [get_module(block, norm2)(h) for h in hidden]
     on_group(2, _stats(ms))
     d_in = _consume(ms, lambda k, m: input_of_linear(block, mlp, down_proj, m, {}))
     on_group(3, _stats(d_in))

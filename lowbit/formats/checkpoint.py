@@ -23,7 +23,8 @@ from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.formats.precision import FLOAT_DTYPES
 from lowbit.formats.storage import DUAL, FLOAT_SCALES, FP8SCALE, MXFP4, NVFP4, STORAGE_FORMATS, storage_format
 
-FORMAT_VERSION = 1
+# 2: online transforms (transform_config) and a quantized KV cache (kv_cache_scheme) (docs/FORMAT.md)
+FORMAT_VERSION = 2
 QUANT_METHOD = "compressed-tensors"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -65,13 +66,19 @@ SCALE_DTYPE_OF = {NVFP4: "torch.float8_e4m3fn", MXFP4: "torch.uint8"}
 
 
 def _act_args(a: ActScheme | None) -> dict[str, Any] | None:
+    """compressed-tensors QuantizationArgs of a dynamic activation scheme (its clip ratio, which they cannot
+    name, goes to the lowbit section: see _elements)."""
     if a is None:
         return None
-    return {"num_bits": a.bits, "type": a.format, "symmetric": a.symmetric, "strategy": a.strategy, "dynamic": True}
+    args = {"num_bits": a.bits, "type": a.format, "symmetric": a.symmetric, "strategy": a.strategy, "dynamic": True}
+    if a.strategy == "group":
+        args["group_size"] = a.group_size
+    return args
 
 
 def build_quantization_config(
-    layers: dict[str, LayerScheme], ignore: list[str], lowbit_info: dict[str, Any]
+    layers: dict[str, LayerScheme], ignore: list[str], lowbit_info: dict[str, Any],
+    transforms: list[OnlineTransform] | None = None, kv: tuple[ActScheme, int] | None = None,
 ) -> dict[str, Any]:
     """compressed-tensors ``quantization_config`` for per-layer schemes.
 
@@ -79,6 +86,8 @@ def build_quantization_config(
         layers: module name -> scheme, for every quantized linear.
         ignore: module names of linears left in float (e.g. "lm_head").
         lowbit_info: extra JSON stored under ``lowbit`` (recipe, group fallbacks...); format_version is added.
+        transforms: the model's online transforms, written as ``transform_config`` (none: the key is absent).
+        kv: the KV-cache scheme and the head_dim it groups by, written as ``kv_cache_scheme`` (None: null).
     """
     groups: dict[LayerScheme, list[str]] = {}
     for name, ls in layers.items():
@@ -100,17 +109,26 @@ def build_quantization_config(
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": list(ignore),
-        "kv_cache_scheme": None,
-        "lowbit": {"format_version": FORMAT_VERSION, **lowbit_info, **_elements(groups)},
+        "kv_cache_scheme": None if kv is None else kv_cache_args(*kv),
+        "lowbit": {"format_version": FORMAT_VERSION, **lowbit_info, **_elements(groups), **_kv_clip(kv)},
+        **({"transform_config": build_transform_config(transforms)} if transforms else {}),
     }
+
+
+def _kv_clip(kv: tuple[ActScheme, int] | None) -> dict[str, Any]:
+    return {} if kv is None or kv[0].clip_ratio == 1.0 else {"kv_cache_clip_ratio": kv[0].clip_ratio}
 
 
 def _elements(groups: dict[LayerScheme, list[str]]) -> dict[str, Any]:
     fp = {f"group_{i}": ls.weights.fp for i, ls in enumerate(groups) if ls.weights.fp not in (None, DEFAULT_FP.get(ls.weights.bits))}
-    return {"fp_elements": fp} if fp else {}
+    clip = {f"group_{i}": ls.activations.clip_ratio for i, ls in enumerate(groups)
+            if ls.activations is not None and ls.activations.clip_ratio != 1.0}
+    return ({"fp_elements": fp} if fp else {}) | ({"act_clip_ratios": clip} if clip else {})
 
 
-def _scheme_from_args(w: dict[str, Any], a: dict[str, Any] | None, fmt: str, where: str, fp: str | None = None) -> LayerScheme:
+def _scheme_from_args(
+    w: dict[str, Any], a: dict[str, Any] | None, fmt: str, where: str, fp: str | None = None, act_clip: Any = None
+) -> LayerScheme:
     if fmt not in STORAGE_FORMATS:
         raise LowbitError(f"{where}: storage format {fmt!r} is not supported ({', '.join(STORAGE_FORMATS)})")
     try:
@@ -129,8 +147,13 @@ def _scheme_from_args(w: dict[str, Any], a: dict[str, Any] | None, fmt: str, whe
         if a is not None:
             if not a.get("dynamic", False):
                 raise LowbitError(f"{where}: static activation scales are not supported")
-            act = ActScheme(format=a.get("type", "int"), bits=int(a["num_bits"]), strategy=a.get("strategy", "token"),
-                            symmetric=bool(a.get("symmetric", True)))
+            strategy = a.get("strategy", "token")
+            act = ActScheme(format=a.get("type", "int"), bits=int(a["num_bits"]), strategy=strategy,
+                            symmetric=bool(a.get("symmetric", True)),
+                            group_size=int(a["group_size"]) if strategy == "group" and a.get("group_size") is not None else None,
+                            clip_ratio=1.0 if act_clip is None else float(act_clip))
+        elif act_clip is not None:
+            raise LowbitError(f"{where}: an activation clip ratio without input_activations")
     except (KeyError, TypeError, ValueError) as e:
         raise LowbitError(f"{where}: malformed quantization args ({e})") from None
     if storage_format(weights) != fmt:
@@ -150,8 +173,9 @@ def _float_scale_dtype(name: Any, fmt: str, where: str) -> torch.dtype | None:
 
 
 # quantization_config keys that change what the stored weights mean and that lowbit does not apply yet: a
-# checkpoint with one of them set would load as a plain one and compute wrong outputs.
-UNSUPPORTED_KEYS = ("transform_config", "kv_cache_scheme", "sparsity_config")
+# checkpoint with one of them set would load as a plain one and compute wrong outputs. (transform_config and
+# kv_cache_scheme are applied: parse_transform_config, parse_kv_cache_scheme.)
+UNSUPPORTED_KEYS = ("sparsity_config",)
 
 
 def check_supported(qc: dict[str, Any]) -> None:
@@ -177,7 +201,9 @@ def parse_quantization_config(qc: Any) -> tuple[list[tuple[list[str], LayerSchem
             raise LowbitError(f"{where}: needs a 'weights' mapping")
         fmt = g.get("format") or qc.get("format")
         fp = (qc.get("lowbit", {}).get("fp_elements") or {}).get(gname)
-        groups.append((list(g.get("targets", [])), _scheme_from_args(g["weights"], g.get("input_activations"), fmt, where, fp)))
+        clip = (qc.get("lowbit", {}).get("act_clip_ratios") or {}).get(gname)
+        groups.append((list(g.get("targets", [])),
+                       _scheme_from_args(g["weights"], g.get("input_activations"), fmt, where, fp, clip)))
     if not groups:
         raise LowbitError("quantization_config has no config_groups")
     return groups, list(qc.get("ignore") or [])
@@ -228,3 +254,84 @@ def write_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: di
     # byte-identical files (the format version lives in config.json).
     save_file(contiguous, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# Online transform types and locations lowbit applies (kernels/online.py, models/attention.py).
+TRANSFORM_TYPES = ("hadamard", "random-hadamard")
+TRANSFORM_LOCATIONS = ("input", "q_attn", "k_cache")
+
+
+@dataclass(frozen=True)
+class OnlineTransform:
+    """One online transform of a checkpoint: config group ``group`` applies a ``kind`` transform (a block-diagonal
+    Hadamard of order ``block``) at ``location`` of every module in ``targets``; its matrix is stored per module
+    as ``<module>.<group>_<location>.weight``."""
+
+    group: str
+    kind: str
+    location: str
+    targets: tuple[str, ...]
+    block: int
+
+
+def build_transform_config(transforms: list[OnlineTransform]) -> dict[str, Any]:
+    """compressed-tensors' ``transform_config`` (ALGORITHMS.md 12.4) for the online transforms of a model: one
+    config group per (group, kind, block), one ``apply`` entry per location, exact module names as targets."""
+    groups: dict[str, dict[str, Any]] = {}
+    for t in transforms:
+        g = groups.setdefault(t.group, {
+            "type": t.kind, "apply": [], "randomize": False, "requires_grad": False, "head_dim": t.block,
+            "precision": "torch.float32",
+        })
+        if (g["type"], g["head_dim"]) != (t.kind, t.block):
+            raise LowbitError(f"transform group {t.group} mixes {g['type']}/{g['head_dim']} with {t.kind}/{t.block}")
+        g["apply"].append({"targets": list(t.targets), "location": t.location, "inverse": False, "ignore": []})
+    return {"config_groups": groups}
+
+
+def parse_transform_config(qc: dict[str, Any]) -> list[OnlineTransform]:
+    """The online transforms a ``quantization_config`` declares; one line for what lowbit cannot apply."""
+    tc = qc.get("transform_config")
+    if tc in (None, {}, []):
+        return []
+    found = []
+    try:
+        for gname, g in tc["config_groups"].items():
+            where = f"transform_config.config_groups.{gname}"
+            if g.get("type") not in TRANSFORM_TYPES:
+                raise LowbitError(f"{where}: transform type {g.get('type')!r} is not one lowbit applies "
+                                  f"({', '.join(TRANSFORM_TYPES)})")
+            block = g.get("head_dim")
+            if not isinstance(block, int) or block < 1:
+                raise LowbitError(f"{where}: needs head_dim, the order of its (block) Hadamard matrix")
+            for a in g["apply"]:
+                if a.get("location") not in TRANSFORM_LOCATIONS or a.get("inverse") or a.get("ignore"):
+                    raise LowbitError(f"{where}: lowbit applies online transforms at {', '.join(TRANSFORM_LOCATIONS)} "
+                                      f"with no inverse and no ignore list, not {a}")
+                found.append(OnlineTransform(gname, g["type"], a["location"], tuple(a["targets"]), block))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise LowbitError(f"quantization_config.transform_config is malformed ({e})") from None
+    return found
+
+
+def kv_cache_args(kv: ActScheme, head_dim: int) -> dict[str, Any]:
+    """compressed-tensors' ``kv_cache_scheme`` for lowbit's per-token, per-head KV quantization: a dynamic group
+    of ``head_dim`` channels of the flattened ``[tokens, kv_heads * head_dim]`` keys and values."""
+    return {"num_bits": kv.bits, "type": kv.format, "symmetric": kv.symmetric, "strategy": "group",
+            "group_size": head_dim, "dynamic": True}
+
+
+def parse_kv_cache_scheme(qc: dict[str, Any], head_dim: int) -> ActScheme | None:
+    """The KV scheme a config declares (None: float), as applied per token and head; one line if lowbit cannot."""
+    a = qc.get("kv_cache_scheme")
+    if a in (None, {}):
+        return None
+    clip = float((qc.get("lowbit") or {}).get("kv_cache_clip_ratio", 1.0))
+    try:
+        if not (a.get("dynamic") and a.get("strategy") == "group" and a.get("group_size") == head_dim):
+            raise LowbitError(f"kv_cache_scheme: lowbit applies dynamic per-token, per-head KV quantization (strategy "
+                              f"group, group_size {head_dim}), not {a}")
+        return ActScheme(format=a.get("type", "int"), bits=int(a["num_bits"]), symmetric=bool(a.get("symmetric", True)),
+                         clip_ratio=clip)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LowbitError(f"quantization_config.kv_cache_scheme is malformed ({e})") from None

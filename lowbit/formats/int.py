@@ -227,20 +227,106 @@ def _first_min(err: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.where(least, idx, torch.iinfo(torch.int64).max).min(dim=0).values
 
 
+def quantize_activation(
+    x: torch.Tensor,
+    bits: int = 8,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    clip_ratio: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Dynamic quantization of activations ``x [..., K]`` along the last dimension, in float32.
+
+    One scale (and zero point) per token (``group_size=None``) or per ``group_size`` consecutive channels of
+    each token (``group_size`` must divide ``K``); any leading shape (``[tokens, K]``, ``[b, L, K]``,
+    ``[b, heads, L, head_dim]``...).
+
+    compressed-tensors' dynamic activation quantization is followed (``calculate_qparams`` in
+    quantization/utils/helpers.py, ``_quantize_dequantize`` / ``_quantize`` / ``_dequantize`` in
+    quantization/lifecycle), with ``qmin, qmax = -2^(b-1), 2^(b-1) - 1``:
+
+    * the range always contains 0: ``min = min(min, 0)``, ``max = max(max, 0)`` (then times ``clip_ratio``, which
+      compressed-tensors does not have; clipped values clamp to the grid's ends);
+    * symmetric: ``s = max(|min|, |max|) / ((2^b - 1) / 2)`` (127.5 for INT8, 7.5 for INT4), no zero point;
+    * asymmetric: ``s = (max - min) / (2^b - 1)``, ``z = round(clamp(qmin - min / s, qmin, qmax))`` (the clamp,
+      then the rounding to int8 of ``round_to_quantized_type_dtype``, half to even);
+    * codes ``q = round(clamp(x / s + z, qmin, qmax))`` (``round_to_quantized_type_args``: the zero point is
+      added *before* rounding, which can differ from ``round(x / s) + z`` on an exact tie);
+    * dequantized ``(q - z) * s`` in float32, then cast to the input's dtype.
+
+    Deviations: the scale is clamped to at least ``SCALE_EPS`` (1e-8) before the zero point is computed, where
+    compressed-tensors replaces an exact 0 by ``finfo(float32).eps`` after computing it (an all-zero group: its
+    zero point is NaN there, ``qmin`` here; both dequantize to 0); the two differ only for groups whose range is
+    below ~1e-6. And everything is computed in float32, where compressed-tensors computes in the activation's
+    dtype (identical for float32 inputs; for 16-bit inputs it rounds the scale and ``x / s`` to 16 bits first).
+    Divisions are elementwise tensor divisions (torch on CUDA multiplies by the reciprocal of a Python-scalar
+    divisor, which rounds differently).
+
+    For (8 bits, per token, symmetric, clip 1.0) this is exactly :func:`quantize_activation_per_token`.
+
+    Returns:
+        codes: int8 ``[..., K]``; scale: float32 ``[..., G]`` (``G = K / group_size``, 1 per token);
+        zero_point: float32 ``[..., G]`` (integer values in ``[qmin, qmax]``) or None when symmetric.
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"activation bits must be in 2..8, got {bits}")
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    K = x.shape[-1]
+    g = K if group_size is None else group_size
+    if g <= 0 or K % g:
+        raise ValueError(f"activation group size {group_size} does not divide the last dimension {K}")
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    xg = x.float().unflatten(-1, (K // g, g))  # [..., G, g]
+    if symmetric:
+        absmax = xg.abs().amax(dim=-1)  # [..., G]
+        if clip_ratio != 1.0:
+            absmax = absmax * clip_ratio
+        scale = (absmax / torch.full_like(absmax, ((1 << bits) - 1) / 2)).clamp_min(SCALE_EPS)
+        q = torch.round(xg / scale[..., None]).clamp(qmin, qmax)
+        return q.to(torch.int8).flatten(-2), scale, None
+    xmin = xg.amin(dim=-1).clamp_max(0.0)
+    xmax = xg.amax(dim=-1).clamp_min(0.0)
+    if clip_ratio != 1.0:
+        xmin, xmax = xmin * clip_ratio, xmax * clip_ratio
+    scale = ((xmax - xmin) / torch.full_like(xmax, (1 << bits) - 1)).clamp_min(SCALE_EPS)
+    zero = torch.round((qmin - xmin / scale).clamp(qmin, qmax))
+    q = torch.round((xg / scale[..., None] + zero[..., None]).clamp(qmin, qmax))
+    return q.to(torch.int8).flatten(-2), scale, zero
+
+
+def dequantize_activation(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``(q - z) * s`` for the outputs of :func:`quantize_activation` (codes ``[..., K]``, scale and zero point
+    ``[..., G]``), computed in float32 and cast to ``dtype``."""
+    G = scale.shape[-1]
+    q = codes.float().unflatten(-1, (G, codes.shape[-1] // G))
+    if zero_point is not None:
+        q = q - zero_point.float()[..., None]
+    return (q * scale.float()[..., None]).flatten(-2).to(dtype)
+
+
+def fake_quantize_activation_int(
+    x: torch.Tensor,
+    bits: int = 8,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    clip_ratio: float = 1.0,
+) -> torch.Tensor:
+    """``x [..., K]`` through :func:`quantize_activation` and back, in ``x``'s dtype (the GEMM's input)."""
+    q, s, z = quantize_activation(x, bits, group_size, symmetric, clip_ratio)
+    return dequantize_activation(q, s, z, x.dtype)
+
+
 def quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric per-token quantization of activations ``x [..., K]``.
 
     Uses the compressed-tensors convention ``s = absmax / ((2^b - 1) / 2)`` (127.5 for INT8) and clamps to
     ``[-2^(b-1), 2^(b-1) - 1]`` so that a checkpoint run by transformers + compressed-tensors gives the
-    same numbers as ours.
+    same numbers as ours (:func:`quantize_activation` with one group per token, symmetric, no clipping).
 
     Returns:
         codes: int8 ``[..., K]``; scale: float32 ``[..., 1]``.
     """
-    xf = x.float()
-    absmax = xf.abs().amax(dim=-1, keepdim=True)
-    # A tensor divisor: torch on CUDA turns division by a Python scalar into a multiplication by its
-    # reciprocal, which rounds differently; an elementwise division is IEEE on every device.
-    scale = (absmax / torch.full_like(absmax, ((1 << bits) - 1) / 2)).clamp_min(SCALE_EPS)
-    q = torch.round(xf / scale).clamp(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
-    return q.to(torch.int8), scale
+    q, scale, _ = quantize_activation(x, bits)
+    return q, scale

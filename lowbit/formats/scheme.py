@@ -149,29 +149,86 @@ class WeightScheme:
         return replace(self, strategy="channel", group_size=None)
 
 
+ACT_INT_BITS = (4, 8)
+ACT_STRATEGIES = ("token", "group")
+
+
 @dataclass(frozen=True)
 class ActScheme:
-    """How the input activations of a linear are quantized at run time.
+    """How the input activations of a linear are quantized at run time (dynamic: the scales are computed from
+    each input as it comes; formats/int.py ``quantize_activation``).
 
     Attributes:
-        format: "int" (INT8) or "float" (FP8 E4M3).
-        bits: bits per code (8).
-        strategy: "token" — one scale per row (token) computed dynamically from that row's absmax.
-        symmetric: only symmetric activations are supported.
+        format: "int" (INT4/INT8 codes) or "float" (FP8 E4M3).
+        bits: bits per code: 4 or 8 for "int", 8 for "float".
+        strategy: "token" (one scale per row, i.e. per token) or "group" (one scale per ``group_size``
+            consecutive channels of each token; "int" only).
+        symmetric: signed grid with no zero point, else an asymmetric grid with an integer zero point ("int" only).
+        group_size: channels per scale, required (positive) iff strategy == "group"; it must divide the last
+            dimension of the inputs (see :meth:`check_features`).
+        clip_ratio: in (0, 1]: the absmax (symmetric) or the min and max (asymmetric) are multiplied by it before
+            the scale is computed; values beyond clamp to the grid's ends ("int" only; "float" takes 1.0).
+
+    The new fields follow the original four, so positional construction keeps its meaning; the defaults are
+    INT8 symmetric per token, no clipping.
     """
 
     format: str = "int"
     bits: int = 8
     strategy: str = "token"
     symmetric: bool = True
+    group_size: int | None = None
+    clip_ratio: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS or self.bits != 8:
-            raise LowbitError(f"activation quantization supports int8 and float8 (e4m3) only, got {self.format} {self.bits}")
-        if self.strategy != "token":
-            raise LowbitError(f"activation strategy must be 'token' (dynamic per token), got {self.strategy!r}")
-        if not self.symmetric:
-            raise LowbitError("only symmetric activation quantization is supported")
+        if self.format not in FORMATS:
+            raise LowbitError(f"unknown activation format {self.format!r}; valid: {', '.join(FORMATS)}")
+        if self.format == "int":
+            if self.bits not in ACT_INT_BITS or isinstance(self.bits, bool):
+                raise LowbitError(f"int activations take bits in {ACT_INT_BITS}, got {self.bits!r}")
+        elif self.bits != 8 or isinstance(self.bits, bool):
+            raise LowbitError(f"float activations are FP8 (e4m3): bits must be 8, got {self.bits!r}")
+        if self.strategy not in ACT_STRATEGIES:
+            raise LowbitError(f"unknown activation strategy {self.strategy!r}; valid: {', '.join(ACT_STRATEGIES)}")
+        if self.strategy == "group":
+            g = self.group_size
+            if not isinstance(g, int) or isinstance(g, bool) or g <= 0:
+                raise LowbitError(f"activation strategy 'group' needs a positive int group_size (e.g. 32, 64, 128), got {g!r}")
+        elif self.group_size is not None:
+            raise LowbitError(f"activation group_size is only meaningful with strategy 'group', not {self.strategy!r}")
+        if not isinstance(self.symmetric, bool):
+            raise LowbitError(f"activation symmetric must be True or False, got {self.symmetric!r}")
+        r = self.clip_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+            raise LowbitError(f"activation clip_ratio must be a number in (0, 1], got {r!r}")
+        if self.format == "float" and (self.strategy != "token" or not self.symmetric or r != 1.0):
+            raise LowbitError("float (FP8 e4m3) activations are symmetric per token with clip_ratio 1.0 only")
+
+    @property
+    def name(self) -> str:
+        """Short human name, e.g. ``int8 token sym``, ``int4 g64 asym clip0.9``, ``fp8-e4m3 token``."""
+        elem = f"int{self.bits}" if self.format == "int" else "fp8-e4m3"
+        shape = f"g{self.group_size}" if self.strategy == "group" else "token"
+        sym = "" if self.format == "float" else (" sym" if self.symmetric else " asym")
+        clip = "" if self.clip_ratio == 1.0 else f" clip{self.clip_ratio:g}"
+        return f"{elem} {shape}{sym}{clip}"
+
+    @property
+    def qmin(self) -> int:
+        """Smallest signed code, -2^(bits-1)."""
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        """Largest signed code, 2^(bits-1) - 1."""
+        return (1 << (self.bits - 1)) - 1
+
+    def check_features(self, in_features: int, where: str) -> None:
+        """Raise a one-line LowbitError when the group size does not divide ``in_features`` (the inputs' last
+        dimension); ``where`` names the layer or tensor in the message."""
+        if self.strategy == "group" and (in_features <= 0 or in_features % self.group_size):
+            raise LowbitError(f"{where}: activation group size {self.group_size} does not divide its "
+                              f"{in_features} input features ({self.name})")
 
 
 def model_group_size(in_features: list[int], group_size: int) -> int | None:

@@ -7,6 +7,9 @@ checkpoint content. ``forward`` takes one of two paths, chosen by kernels/dispat
   cached, activations are quantized and dequantized per token (the fake-quant simulation), then ``F.linear``;
 * triton: the packed tensors go straight to the format's Triton GEMM (docs/KERNELS.md); a format/activation
   pair without a kernel takes the torch path.
+
+Either way an online input transform (kernels/online.py, a ``*_input`` child such as ``R4_input``) rotates
+``x`` first, so the activations are quantized in the rotated basis.
 """
 
 from __future__ import annotations
@@ -16,24 +19,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats.fp import quantize_activation_per_token_fp8
-from lowbit.formats.int import quantize_activation_per_token
+from lowbit.formats.int import fake_quantize_activation_int
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.formats.storage import FLOAT_SCALES, INT, PACKED, empty_buffers, from_buffers, storage_format, to_buffers
 from lowbit.kernels.dispatch import Backend, resolve_backend
+from lowbit.kernels.online import OnlineHadamard, input_transform
 
 __all__ = ["QuantLinear", "storage_format", "PACKED", "INT", "fake_quantize_activation"]
 
 
 def fake_quantize_activation(x: torch.Tensor, act: ActScheme) -> torch.Tensor:
-    """``x [..., K]`` quantized per token and dequantized, in ``x.dtype``: exactly the GEMM's input.
+    """``x [..., K]`` quantized dynamically along its last dimension and dequantized, in ``x.dtype``: exactly the
+    GEMM's input. Any leading shape (``[b, L, K]``, a KV cache's ``[b, heads, L, head_dim]``...).
 
-    INT8: compressed-tensors' ``absmax / 127.5`` convention (formats/int.py); FP8: ``s = absmax / 448``,
-    ``q = e4m3(x / s)`` (round to nearest even, saturating).
+    INT4/INT8, per token or per group, symmetric or asymmetric, clipped: compressed-tensors' conventions
+    (formats/int.py ``quantize_activation``; symmetric INT8 is ``absmax / 127.5``); FP8: per token,
+    ``s = absmax / 448``, ``q = e4m3(x / s)`` (round to nearest even, saturating).
     """
     if act.format == "int":
-        q, s = quantize_activation_per_token(x, act.bits)
-        return (q.float() * s).to(x.dtype)
+        act.check_features(x.shape[-1], "activations")
+        return fake_quantize_activation_int(x, act.bits, act.group_size, act.symmetric, act.clip_ratio)
     q, s = quantize_activation_per_token_fp8(x)
     return (q.float() * s).to(x.dtype)
 
@@ -130,8 +136,15 @@ class QuantLinear(nn.Module):
         self.dtype = probe.dtype
         return module
 
+    def set_input_transform(self, name: str, transform: OnlineHadamard) -> None:
+        """Rotate every input with ``transform`` (child ``name``, ``<group>_input``) before quantizing it."""
+        self.add_module(name, transform)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., in]`` in the model dtype -> ``[..., out]``."""
+        """``x [..., in]`` in the model dtype -> ``[..., out]``; an online input transform runs first."""
+        t = input_transform(self)
+        if t is not None:
+            x = t(x)
         if resolve_backend(self.backend, x.device.type) is Backend.TRITON:
             y = self._triton_forward(x.reshape(-1, self.in_features), insist=self.backend is Backend.TRITON)
             if y is not None:

@@ -39,6 +39,10 @@ def prepare(
     s = scheme
     if s.strategy == "tensor":
         return ()
+    # The kernels quantize activations 8-bit symmetric per token, unclipped (INT8 or FP8): any other activation
+    # scheme (INT4, per group, asymmetric, clipped) takes the torch path.
+    if act is not None and not (act.bits == 8 and act.strategy == "token" and act.symmetric and act.clip_ratio == 1.0):
+        return ()
     group = s.columns_per_scale(in_features)
     scale = stored["weight_scale"]
     zero = unpack_zero(stored.get("weight_zero_point"), fmt, s.bits, scale.shape[0])

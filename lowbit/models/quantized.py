@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -11,7 +12,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lowbit.errors import LowbitError
-from lowbit.formats.checkpoint import check_supported, parse_quantization_config, scheme_for
+from lowbit.formats.checkpoint import (
+    check_supported, matches, parse_kv_cache_scheme, parse_quantization_config, parse_transform_config, scheme_for,
+)
+from lowbit.kernels.online import INPUT, OnlineHadamard, TransformedLinear
+from lowbit.models.arch import arch_table
+from lowbit.models.attention import attention_modules, install_attention
 from lowbit.kernels.dispatch import Backend, resolve_backend
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.models.loading import check_model_dir, load_float_model, resolve_model_dir, set_module
@@ -40,13 +46,45 @@ def _check_stored(model: nn.Module, tensors: dict[str, torch.Tensor], model_dir:
                                   f"{buf.dtype} {list(buf.shape)}")
 
 
+def _install_online(model: PreTrainedModel, qc: dict[str, Any]) -> None:
+    """Attach the online transforms of ``transform_config`` to their modules (matrices come with the state dict)
+    and give the attention modules the KV scheme; either one switches the model to lowbit's attention function."""
+    transforms = parse_transform_config(qc)
+    modules = list(model.named_modules())
+    for t in transforms:
+        child_name, hits = f"{t.group}_{t.location}", 0
+        for name, module in modules:
+            if not any(matches(name, type(module).__name__, target) for target in t.targets):
+                continue
+            hits += 1
+            child = OnlineHadamard(t.block, kind=t.kind)
+            if t.location != INPUT:
+                module.add_module(child_name, child)
+            elif isinstance(module, QuantLinear):
+                module.set_input_transform(child_name, child)
+            elif isinstance(module, nn.Linear):
+                set_module(model, name, TransformedLinear.wrap(module, child_name, child))
+            else:
+                raise LowbitError(f"transform {t.group}: an input transform on {name}, which is not a linear layer")
+        if hits == 0:
+            raise LowbitError(f"transform {t.group} ({t.location}) targets no module of this model: {list(t.targets)[:3]}")
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = parse_kv_cache_scheme(qc, head_dim)
+    if kv is not None or any(t.location != INPUT for t in transforms):
+        table = arch_table(config.model_type)
+        install_attention(model, [m for _, m in attention_modules(model, table.blocks, table.attention)], kv)
+
+
 def load(
     path: str | Path | None = None, device: str = "cpu", backend: Backend | str = Backend.AUTO
 ) -> PreTrainedModel:
     """Load a lowbit / compressed-tensors checkpoint (or a float HF directory) as a transformers model.
 
-    Quantized linears become :class:`QuantLinear` modules running the kernel ``backend`` resolves to;
-    everything else is the ordinary transformers module with its float weights. Weights are read from
+    Quantized linears become :class:`QuantLinear` modules running the kernel ``backend`` resolves to; online
+    transforms (``transform_config``) and a quantized KV cache (``kv_cache_scheme``) are applied as
+    kernels/online.py and models/attention.py describe; everything else is the ordinary transformers module with
+    its float weights. Weights are read from
     safetensors only and no remote code is trusted. Returns the model in eval mode on ``device``.
     """
     try:
@@ -80,6 +118,7 @@ def load(
                              module.bias is not None, backend, scale_dtype=ls.scale_dtype)
             set_module(model, name, ql)
 
+    _install_online(model, qc)
     tensors = _read_tensors(model_dir)
     _check_stored(model, tensors, model_dir)
     missing, unexpected = model.load_state_dict(tensors, strict=False)

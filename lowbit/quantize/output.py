@@ -19,7 +19,12 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import lowbit
-from lowbit.formats.checkpoint import WEIGHTS_FILE, LayerScheme, build_quantization_config, write_checkpoint
+from lowbit.formats.checkpoint import (
+    WEIGHTS_FILE, LayerScheme, OnlineTransform, build_quantization_config, write_checkpoint,
+)
+from lowbit.formats.scheme import ActScheme
+from lowbit.kernels.online import ONLINE_LOCATIONS, OnlineHadamard
+from lowbit.models.attention import KV_ATTR
 from lowbit.formats.storage import FLOAT_SCALES
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.quantize.destination import REPORT_FILE, move_into_place, staging_dir
@@ -47,6 +52,29 @@ def layer_schemes(model: nn.Module) -> tuple[dict[str, LayerScheme], list[str]]:
         elif isinstance(m, nn.Linear):
             ignore.append(name)
     return layers, ignore
+
+
+def online_transforms(model: nn.Module) -> list[OnlineTransform]:
+    """The model's online transforms (``<group>_<location>`` children, kernels/online.py), one record per
+    (group, location), targets in module order."""
+    found: dict[tuple[str, str, str, int], list[str]] = {}
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            location = next((loc for loc in ONLINE_LOCATIONS if child_name.endswith("_" + loc)), None)
+            if isinstance(child, OnlineHadamard) and location is not None:
+                group = child_name[: -len(location) - 1]
+                found.setdefault((group, child.kind, location, child.block), []).append(name)
+    return [OnlineTransform(g, kind, loc, tuple(names), block) for (g, kind, loc, block), names in found.items()]
+
+
+def kv_cache(model: PreTrainedModel) -> tuple[ActScheme, int] | None:
+    """The model's KV-cache scheme and head_dim (one scheme for every attention module), or None."""
+    schemes = {getattr(m, KV_ATTR, None) for m in model.modules() if hasattr(m, KV_ATTR)}
+    schemes.discard(None)
+    if not schemes:
+        return None
+    config = model.config
+    return schemes.pop(), getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def report_dict(recipe: Recipe, layers: list[LayerResult], model_dir: Path, calib: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +121,9 @@ def write_output(
         fallbacks = {l.name: l.fallback for l in layers if l.fallback}
         info = {"lowbit_version": lowbit.__version__, "recipe": recipe.to_dict(), "group_fallbacks": fallbacks}
         config = model.config.to_dict()
-        config["quantization_config"] = build_quantization_config(qlayers, ignore, info)
+        config["quantization_config"] = build_quantization_config(
+            qlayers, ignore, info, online_transforms(model), kv_cache(model)
+        )
         write_checkpoint(tmp, checkpoint_tensors(model), config)
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and (model_dir / "generation_config.json").exists():

@@ -1,4 +1,8 @@
-"""The pipeline: calibrate -> (transform) -> round -> pack, one decoder block at a time.
+"""The pipeline: transform -> calibrate -> round -> pack, one decoder block at a time.
+
+The recipe's model-level transforms (rotations, quantize/transforms/) edit the loaded float model first, so bit
+allocation, calibration and rounding all see the transformed model; block-level ones (SmoothQuant) run inside
+the staged runner, through its hook, just before a norm's output is measured and consumed.
 
 For each block, the staged runner (calibrate/staged.py) walks the calibration batches through the block
 one true-sequential sub-group at a time; as soon as a sub-group's input Hessian is complete, its linears
@@ -31,7 +35,9 @@ from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme
 from lowbit.formats.storage import stored_bits
 from lowbit.kernels.quant_linear import QuantLinear
-from lowbit.models.arch import ArchTable
+from lowbit.kernels.online import INPUT, online_child
+from lowbit.models.arch import ArchTable, Geometry, arch_table
+from lowbit.models.attention import attention_modules, install_attention
 from lowbit.models.loading import (
     check_model_dir, get_module, load_float_model, model_path, resolve_model_dir, set_module,
 )
@@ -43,6 +49,7 @@ from lowbit.quantize.output import write_output
 from lowbit.quantize.recipe import Recipe, load_recipe
 from lowbit.quantize.results import LayerResult, QuantizeResult
 from lowbit.quantize.rounding import RoundResult, round_together
+from lowbit.quantize.transforms.apply import apply_model_transforms, check_model, stage_hook
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -128,6 +135,7 @@ def quantize_block(
     base: WeightScheme,
     allocated: dict[str, WeightScheme] | None = None,
     timings: dict[str, float] | None = None,
+    geometry: Geometry | None = None,
 ) -> tuple[list[torch.Tensor], list[LayerResult]]:
     """Quantize the linears of one block in place, true-sequentially; return its outputs and per-layer results.
 
@@ -137,6 +145,7 @@ def quantize_block(
         allocated: full layer name -> the scheme bit allocation chose for it (width, and group size and
             symmetry where the allocation chooses them), overriding the recipe's.
         timings: if given, the seconds spent in the rounding method are added to its "rounding" entry.
+        geometry: the model's sizes, needed by a block-level transform (SmoothQuant) of the recipe.
     """
     method = ROUNDERS[recipe.method]
     results: list[LayerResult] = []
@@ -168,6 +177,9 @@ def quantize_block(
             res = rounded[n]
             bias = linear.bias.data if linear.bias is not None else None
             ql = QuantLinear.from_quantized(res.qweight, recipe.activations, precision.dtype, bias).to(W.device)
+            online = online_child(linear, INPUT)
+            if online is not None:  # the rotation in front of the float linear stays in front of the quantized one
+                ql.set_input_transform(*online)
             W_hat = res.qweight.dequantize(torch.float32)
             results.append(
                 LayerResult(
@@ -188,7 +200,8 @@ def quantize_block(
             )
             set_module(block, n, ql)
 
-    outputs = run_block_staged(block, table, inputs, on_group)
+    before = None if geometry is None else stage_hook(block, table, geometry, recipe.transforms)
+    outputs = run_block_staged(block, table, inputs, on_group, before)
     for r in results:
         get_module(block, r.name[len(prefix) + 1 :])._w_hat = None  # keep the packed codes, not a float copy
     return outputs, results
@@ -311,6 +324,9 @@ def quantize_model(
         raise LowbitError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     model_dir = resolve_model_dir(model)
     config = check_model_dir(model_dir)
+    geometry = None  # the sizes the transforms need, checked before the model loads
+    if recipe.transforms or recipe.kv_cache is not None:
+        geometry = check_model(recipe.transforms, arch_table(str(config.get("model_type"))), config)
     max_positions = config.get("max_position_embeddings")
     if isinstance(max_positions, int) and calib_seqlen > max_positions:
         raise LowbitError(f"--calib-seqlen {calib_seqlen} exceeds the model's max_position_embeddings ({max_positions})")
@@ -323,6 +339,12 @@ def quantize_model(
     windows = calibration_windows(texts, tokenizer, samples, calib_seqlen, seed)
     timings["load"] = time.perf_counter() - t0
     precision = recipe.precision(next(fmodel.parameters()).dtype)
+    t1 = time.perf_counter()
+    if geometry is not None:
+        apply_model_transforms(fmodel, table, geometry, recipe.transforms)
+    if recipe.kv_cache is not None:
+        install_attention(fmodel, [m for _, m in attention_modules(fmodel, table.blocks, table.attention)], recipe.kv_cache)
+    timings["transform"] = time.perf_counter() - t1
     size_before = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
     base = model_scheme(fmodel, table, recipe)
@@ -343,7 +365,7 @@ def quantize_model(
     for i in bar:
         block = blocks[i].to(device)
         outputs, results = quantize_block(
-            block, f"{table.blocks}.{i}", inputs, table, recipe, precision, base, allocated, timings
+            block, f"{table.blocks}.{i}", inputs, table, recipe, precision, base, allocated, timings, geometry
         )
         blocks[i] = block.to("cpu")
         inputs.hidden = outputs

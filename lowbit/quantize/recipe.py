@@ -22,6 +22,8 @@ from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.quantize.methods import ROUNDERS
 from lowbit.quantize.options import BAQOptions, RoundingOptions
+from lowbit.quantize.transforms.apply import check_recipe
+from lowbit.quantize.transforms.spec import TransformSpec
 
 
 SCALE_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -45,6 +47,10 @@ class Recipe:
             A 16-bit model takes only its own dtype (formats/precision.py).
         ignore: linears kept in float, by module path suffix or ``re:`` regex (the embeddings are never
             quantized: they are not linears).
+        transforms: the transforms applied before rounding, in order (quantize/transforms/, docs/RECIPES.md).
+        kv_cache: dynamic quantization of the attention's keys and values (after RoPE, and after R3 when the
+            recipe rotates them), or None (float). Its strategy is "token": one scale (and zero point) per token
+            and head, a group of head_dim channels; written as compressed-tensors' ``kv_cache_scheme``.
     """
 
     name: str
@@ -56,6 +62,8 @@ class Recipe:
     baq: BAQOptions | None = None
     scale_dtype: str = "auto"
     ignore: tuple[str, ...] = ("lm_head",)
+    transforms: tuple[TransformSpec, ...] = ()
+    kv_cache: ActScheme | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ROUNDERS:
@@ -64,6 +72,10 @@ class Recipe:
             raise LowbitError(f"unknown scale_dtype {self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
         if self.baq is not None and not self.weights.is_plain_int:
             raise LowbitError(f"BAQ allocates integer widths: its base weights must be an int grid with float scales, not {self.weights.name}")
+        if self.kv_cache is not None and (self.kv_cache.format != "int" or self.kv_cache.strategy != "token"):
+            raise LowbitError("kv_cache takes an int scheme with strategy 'token' (one scale per token and head), got "
+                              f"{self.kv_cache.format} {self.kv_cache.strategy}")
+        check_recipe(self.transforms, self.activations, self.kv_cache)
 
     def precision(self, model_dtype: torch.dtype) -> Precision:
         """The scale storage and model dtypes for a model of ``model_dtype``, resolved once for the whole run."""
@@ -81,6 +93,7 @@ class Recipe:
         """Plain JSON-able dict (the inverse of :func:`recipe_from_dict`)."""
         d = dataclasses.asdict(self)
         d["ignore"] = list(self.ignore)
+        d["transforms"] = [dataclasses.asdict(t) for t in self.transforms]
         if self.baq is not None:
             d["baq"]["widths"] = list(self.baq.widths)
             d["baq"]["group_sizes"] = list(self.baq.group_sizes)
@@ -94,6 +107,13 @@ GPTQ = "gptq"
 # 2026-11-28); the clipping search coarse-to-fine (every 4th candidate, then the best one's neighbours: 26 of
 # 80 evaluations), as good as the full search there and faster (BENCHMARKS.md, 2026-11-28, code of 92d95fb).
 GPTQ_BEST = RoundingOptions(order="gar", static_groups=False, mse_clip=True, clip_stride=4, refit_scales=True)
+
+# Rotations fused into the weights: the checkpoint stays a plain compressed-tensors one (ALGORITHMS.md 12.1).
+ROT_FUSED = (TransformSpec("fold_norms"), TransformSpec("r1"), TransformSpec("r2"))
+INT8_CHANNEL = WeightScheme(bits=8, strategy="channel", group_size=None, symmetric=True)
+# QuaRot's W4A4KV4 clipping: 0.9 on the activations, 0.95 on K and V (ALGORITHMS.md 12.1, item 6).
+A4_TOKEN = ActScheme(bits=4, symmetric=False, clip_ratio=0.9)
+KV4 = ActScheme(bits=4, symmetric=False, clip_ratio=0.95)
 
 PRESETS: dict[str, Recipe] = {
     r.name: r
@@ -131,6 +151,21 @@ PRESETS: dict[str, Recipe] = {
                "scale (dual-grained), GPTQ; INT8 dynamic per-token activations",
                WeightScheme("int", 4, "group", 128, symmetric=False, scale_format="dual"), ActScheme(),
                method=GPTQ, rounding=GPTQ_BEST),
+        Recipe("w4a16-rot", "R1 + R2 Hadamard rotations fused into the weights (norm gains folded, lm_head untied), "
+               "then w4a16: INT4 symmetric group-128 weights, GPTQ; a plain compressed-tensors checkpoint",
+               INT4_G128, method=GPTQ, rounding=GPTQ_BEST, transforms=ROT_FUSED),
+        Recipe("w4a8-rot", "R1 + R2 fused and R4 online (Hadamard on the down_proj input), INT4 group-128 weights (GPTQ), "
+               "INT8 dynamic per-token activations", INT4_G128, ActScheme(), method=GPTQ, rounding=GPTQ_BEST,
+               transforms=ROT_FUSED + (TransformSpec("r4"),)),
+        Recipe("w8a8-smooth", "SmoothQuant (alpha 0.5, into the norm gains and v into o), INT8 per-channel weights by GPTQ, "
+               "INT8 dynamic per-token activations", INT8_CHANNEL, ActScheme(), method=GPTQ, rounding=GPTQ_BEST,
+               transforms=(TransformSpec("smoothquant", alpha=0.5),)),
+        Recipe("w4a4kv4-rot", "R1 + R2 fused, R3 (Q/K after RoPE) and R4 online; INT4 group-128 weights (GPTQ), INT4 "
+               "dynamic per-token asymmetric activations clipped at 0.9, INT4 asymmetric KV cache per head clipped at 0.95",
+               INT4_G128, A4_TOKEN, method=GPTQ, rounding=GPTQ_BEST, kv_cache=KV4,
+               transforms=ROT_FUSED + (TransformSpec("r3"), TransformSpec("r4"))),
+        Recipe("w4a4kv4", "w4a4kv4-rot without the rotations (the baseline they improve on)",
+               INT4_G128, A4_TOKEN, method=GPTQ, rounding=GPTQ_BEST, kv_cache=KV4),
         Recipe("w4a8-fp8", "FireQ: INT4 symmetric group-128 weights with E4M3 group scales and a power-of-two tensor "
                "scale, GPTQ; FP8 E4M3 dynamic per-token activations",
                WeightScheme("int", 4, "group", 128, scale_format="e4m3"), ActScheme(format="float"),
@@ -186,9 +221,12 @@ def recipe_from_dict(data: Any) -> Recipe:
     if not isinstance(data, dict):
         raise LowbitError(f"a recipe must be a mapping, got {type(data).__name__}")
     d = dict(data)
-    for key, cls in (("weights", WeightScheme), ("activations", ActScheme), ("rounding", RoundingOptions), ("baq", BAQOptions)):
+    for key, cls in (("weights", WeightScheme), ("activations", ActScheme), ("rounding", RoundingOptions),
+                     ("baq", BAQOptions), ("kv_cache", ActScheme)):
         if d.get(key) is not None:
             d[key] = _build(cls, d[key], f"recipe.{key}")
+    if isinstance(d.get("transforms"), list):
+        d["transforms"] = [_build(TransformSpec, t, f"recipe.transforms[{i}]") for i, t in enumerate(d["transforms"])]
     if "name" not in d:
         raise LowbitError("a recipe needs a 'name'")
     return _build(Recipe, d, "recipe")

@@ -74,3 +74,76 @@ def test_newer_version_is_refused() -> None:
 def test_malformed_configs_are_clear_errors(qc: dict) -> None:
     with pytest.raises(LowbitError):
         parse_quantization_config(qc)
+
+
+ACT_SCHEMES = [
+    ActScheme(),
+    ActScheme(format="float"),
+    ActScheme(bits=4),
+    ActScheme(bits=4, symmetric=False),
+    ActScheme(bits=8, strategy="group", group_size=32),
+    ActScheme(bits=4, strategy="group", group_size=64, symmetric=False),
+    ActScheme(bits=4, strategy="group", group_size=128, symmetric=False, clip_ratio=0.9),
+    ActScheme(bits=8, strategy="group", group_size=96, clip_ratio=0.85),
+    ActScheme(bits=4, clip_ratio=0.75),
+]
+
+
+@pytest.mark.parametrize("act", ACT_SCHEMES, ids=lambda a: a.name)
+def test_act_args_are_valid_compressed_tensors_args(act: ActScheme) -> None:
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from lowbit.formats.checkpoint import _act_args
+
+    args = _act_args(act)
+    assert "clip_ratio" not in args  # compressed-tensors' args forbid unknown keys
+    parsed = QuantizationArgs.model_validate(args)
+    def v(e: object) -> object:
+        return getattr(e, "value", e)  # enums or, with use_enum_values, their strings
+
+    assert (parsed.num_bits, v(parsed.type), parsed.symmetric, v(parsed.strategy), parsed.dynamic) == (
+        act.bits, act.format, act.symmetric, act.strategy, True)
+    assert parsed.group_size == act.group_size
+
+
+def test_every_activation_scheme_round_trips() -> None:
+    w4 = WeightScheme(bits=4, strategy="group", group_size=128)
+    layers = {f"l{i}": LayerScheme(w4 if a.format == "int" else WeightScheme("float", 8, "channel", None, fp="e4m3"),
+                                   a, "pack-quantized" if a.format == "int" else "float-quantized")
+              for i, a in enumerate(ACT_SCHEMES)}
+    layers["plain"] = G128
+    qc = build_quantization_config(layers, [], {})
+    clips = qc["lowbit"]["act_clip_ratios"]
+    assert sorted(clips.values()) == [0.75, 0.85, 0.9]  # only the clipped groups
+    groups, _ = parse_quantization_config(qc)
+    for name, ls in layers.items():
+        assert scheme_for(name, "Linear", groups, []) == ls
+    # no clipping anywhere: no key
+    assert "act_clip_ratios" not in build_quantization_config({"y": W8A8}, [], {})["lowbit"]
+
+
+def test_group_activation_args() -> None:
+    ls = LayerScheme(G128.weights, ActScheme(bits=4, strategy="group", group_size=64, symmetric=False), "pack-quantized")
+    qc = build_quantization_config({"x": ls}, [], {})
+    args = qc["config_groups"]["group_0"]["input_activations"]
+    assert args == {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64, "dynamic": True}
+
+
+@pytest.mark.parametrize(
+    "act_args, clip",
+    [
+        ({"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "dynamic": True}, None),  # no group_size
+        ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}, 1.5),
+        (None, 0.9),  # a clip ratio for a group without activations
+        ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": True}, None),
+    ],
+)
+def test_bad_activation_configs_are_clear_errors(act_args: dict | None, clip: float | None) -> None:
+    qc = build_quantization_config({"x": G128}, [], {})
+    qc["config_groups"]["group_0"]["input_activations"] = act_args
+    if clip is not None:
+        qc["lowbit"]["act_clip_ratios"] = {"group_0": clip}
+    with pytest.raises(LowbitError) as e:
+        parse_quantization_config(qc)
+    assert "\n" not in str(e.value)

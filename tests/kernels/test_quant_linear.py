@@ -202,3 +202,62 @@ def test_dtype_casts_keep_the_stored_weight(name: str, scale_dtype: torch.dtype)
             assert after[k].dtype == v.dtype and torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)), k
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     assert layer(x).dtype == torch.bfloat16
+
+
+NEW_ACTS = [
+    ActScheme(bits=4, strategy="group", group_size=32, symmetric=False),
+    ActScheme(bits=4, strategy="group", group_size=64, symmetric=False, clip_ratio=0.9),
+    ActScheme(bits=4),
+    ActScheme(bits=8, strategy="group", group_size=32),
+    ActScheme(bits=8, symmetric=False),
+    ActScheme(bits=8, clip_ratio=0.95),
+]
+
+
+@pytest.mark.parametrize("act", NEW_ACTS, ids=lambda a: a.name)
+@pytest.mark.parametrize("scheme", [SCHEMES[0], SCHEMES[4]], ids=["w4-g32", "w8-channel"])
+def test_new_activation_schemes_run_as_their_fake_quant(scheme: WeightScheme, act: ActScheme) -> None:
+    """INT4 / per-group / asymmetric / clipped activations: ``F.linear(fake_quant(x), W_hat)``, on the torch path
+    whatever the backend (no Triton kernel quantizes them)."""
+    from lowbit.formats.int import fake_quantize_activation_int
+    from lowbit.kernels.quant_linear import fake_quantize_activation
+
+    torch.manual_seed(0)
+    W, b, x = torch.randn(48, 128), torch.randn(48), torch.randn(3, 5, 128)
+    qw = rtn(W, scheme)
+    layer = QuantLinear.from_quantized(qw, act, torch.float32, b)
+    assert layer.kernel_args() == ()
+    x_in = fake_quantize_activation_int(x, act.bits, act.group_size, act.symmetric, act.clip_ratio)
+    assert torch.equal(fake_quantize_activation(x, act), x_in)
+    expected = F.linear(x_in, fake_quantize(W, scheme), b)
+    assert torch.equal(layer(x), expected)
+    layer.backend = Backend.TRITON
+    assert torch.equal(layer(x), expected)  # no kernel: the torch path, even when Triton is asked for
+    a8 = QuantLinear.from_quantized(qw, ActScheme(), torch.float32, b)(x)
+    assert not torch.equal(layer(x), a8)
+
+
+def test_group_activation_size_must_divide_the_input() -> None:
+    torch.manual_seed(0)
+    layer = QuantLinear.from_quantized(rtn(torch.randn(16, 96), SCHEMES[0]), ActScheme(bits=4, strategy="group", group_size=64),
+                                       torch.float32)
+    with pytest.raises(LowbitError, match="group size 64 does not divide its 96"):
+        layer(torch.randn(2, 96))
+
+
+@pytest.mark.parametrize("act", NEW_ACTS, ids=lambda a: a.name)
+def test_prepare_takes_only_unclipped_8bit_symmetric_per_token_activations(act: ActScheme) -> None:
+    """The W8A8 / A8W4 / INT4-FP8 kernels quantize activations 8-bit symmetric per token: every other
+    activation scheme gets ``()`` from prepare (the torch path), where the default scheme gets a kernel."""
+    from lowbit.kernels import triton_gemms
+
+    torch.manual_seed(0)
+    W = torch.randn(48, 128) * 0.05
+    for name in ("w8a8", "w4a8-dgq"):
+        scheme, default = TRITON_LAYERS[name]
+        qw = rtn(W, scheme)
+        base = QuantLinear.from_quantized(qw, default, torch.float32)
+        assert base.kernel_args() != ()
+        layer = QuantLinear.from_quantized(qw, act, torch.float32)
+        assert triton_gemms.prepare(layer.scheme, act, layer.format, 128, layer._stored()) == ()
+        assert layer.kernel_args() == ()

@@ -31,14 +31,20 @@ def _edit_config(directory: Path, **entries: object) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
-    [("transform_config", {"config_groups": {"R1": {"type": "hadamard", "apply": []}}}),
-     ("kv_cache_scheme", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor"}),
-     ("sparsity_config", {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"]})],
+    ("key", "value", "message"),
+    [("transform_config", {"config_groups": {"R1": {"type": "random-matrix", "apply": [], "head_dim": 8}}},
+      "transform type 'random-matrix' is not one lowbit applies"),
+     ("transform_config", {"config_groups": {"R1": {"type": "hadamard", "apply": []}}}, "needs head_dim"),
+     ("transform_config", {"config_groups": {"R1": {"type": "hadamard", "head_dim": 8, "apply": [
+         {"targets": ["Linear"], "location": "output", "inverse": False}]}}}, "applies online transforms at input"),
+     ("kv_cache_scheme", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor"},
+      "lowbit applies dynamic per-token, per-head KV quantization"),
+     ("sparsity_config", {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"]},
+      "has a 'sparsity_config', which lowbit does not apply yet")],
 )
-def test_unapplied_quantization_config_keys_are_refused(checkpoint: Path, key: str, value: object) -> None:
+def test_unapplied_quantization_config_keys_are_refused(checkpoint: Path, key: str, value: object, message: str) -> None:
     _edit_config(checkpoint, **{key: value})
-    with pytest.raises(LowbitError, match=f"has a '{key}', which lowbit does not apply yet"):
+    with pytest.raises(LowbitError, match=message):
         lowbit.load(checkpoint)
     result = CliRunner().invoke(app, ["eval", "ppl", str(checkpoint), "--limit", "1", "--seqlen", "32"])
     assert result.exit_code == 2

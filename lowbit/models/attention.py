@@ -1,0 +1,73 @@
+"""The attention function for what happens after RoPE: the online Q/K rotation R3 and the quantized KV cache.
+
+transformers' attention modules project, apply RoPE, update the cache, then call the function that
+``config._attn_implementation`` names in its attention-function registry with ``(module, query, key, value,
+mask, ...)``, where query is ``[b, heads, L, head_dim]`` and key/value are ``[b, kv_heads, L_kv, head_dim]``.
+lowbit registers :func:`lowbit_attention` there (no patched forward): it rotates query and key with the module's
+``*_q_attn`` / ``*_k_cache`` online transforms (kernels/online.py; ``q H (k H)^T = q k^T``), quantizes key and value
+as the module's ``kv_cache_scheme`` says (per token and head: a group of ``head_dim``), then runs PyTorch's
+scaled-dot-product attention through transformers' own ``sdpa`` function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from lowbit.formats.scheme import ActScheme
+from lowbit.kernels.online import K_CACHE, Q_ATTN, OnlineHadamard, online_child
+from lowbit.kernels.quant_linear import fake_quantize_activation
+
+ATTENTION = "lowbit"
+KV_ATTR = "kv_cache_scheme"  # attribute of an attention module: its ActScheme for K and V, or absent/None
+
+
+def lowbit_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' attention-function signature: R3 on query and key, K/V quantization, then SDPA."""
+    q_t, k_t = online_child(module, Q_ATTN), online_child(module, K_CACHE)
+    if q_t is not None:
+        query = q_t[1](query)
+    if k_t is not None:
+        key = k_t[1](key)
+    kv: ActScheme | None = getattr(module, KV_ATTR, None)
+    if kv is not None:
+        key, value = fake_quantize_activation(key, kv), fake_quantize_activation(value, kv)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, lowbit_attention)
+
+
+def attention_modules(model: nn.Module, blocks: str, attention: str) -> list[tuple[str, nn.Module]]:
+    """(full name, module) of every block's attention module."""
+    layers = model.get_submodule(blocks)
+    return [(f"{blocks}.{i}.{attention}", block.get_submodule(attention)) for i, block in enumerate(layers)]
+
+
+def install_attention(
+    model: PreTrainedModel, modules: list[nn.Module], kv: ActScheme | None,
+    transforms: dict[str, OnlineHadamard] | None = None,
+) -> None:
+    """Give each attention module of ``modules`` the KV scheme ``kv`` and fresh copies of ``transforms``
+    (child name -> online transform, ``R3_q_attn``...), and switch the model to :func:`lowbit_attention`."""
+    for m in modules:
+        setattr(m, KV_ATTR, kv)
+        for name, t in (transforms or {}).items():
+            copy = OnlineHadamard(t.block, t._signs, t.kind)
+            m.add_module(name, copy)
+    model.set_attn_implementation(ATTENTION)
+
+
+def uses_lowbit_attention(model: nn.Module) -> bool:
+    """True if any module carries a KV scheme or an online attention transform."""
+    return any(
+        getattr(m, KV_ATTR, None) is not None or online_child(m, Q_ATTN) is not None or online_child(m, K_CACHE) is not None
+        for m in model.modules()
+    )

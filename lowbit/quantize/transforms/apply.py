@@ -1,0 +1,80 @@
+"""Applying a recipe's transforms: the checks that need only the recipe or the model's config, the model-level
+transforms after loading, and the block-level ones through the staged runner's hook."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from lowbit.calibrate.staged import StageHook
+from lowbit.errors import LowbitError
+from lowbit.formats.scheme import ActScheme
+from lowbit.models.arch import ArchTable, Geometry
+from lowbit.quantize.transforms import BLOCK, MODEL, TRANSFORMS
+from lowbit.quantize.transforms.rotations import check_sizes
+from lowbit.quantize.transforms.spec import TransformSpec
+
+
+def check_recipe(specs: tuple[TransformSpec, ...], activations: ActScheme | None, kv_cache: ActScheme | None) -> None:
+    """One line for a transform list that cannot work whatever the model: a repeat, a transform listed before one
+    it needs, R3 without a quantized KV cache, SmoothQuant on a weight-only recipe."""
+    seen: list[str] = []
+    for spec in specs:
+        if spec.name in seen:
+            raise LowbitError(f"transform {spec.name!r} is listed twice")
+        missing = [n for n in TRANSFORMS[spec.name].needs if n not in seen]
+        if missing:
+            raise LowbitError(f"transform {spec.name!r} needs {', '.join(missing)} listed before it")
+        seen.append(spec.name)
+    if sum(TRANSFORMS[n].level == BLOCK for n in seen) > 1:
+        raise LowbitError("a recipe takes one block-level (data-dependent) transform")
+    if "r3" in seen and kv_cache is None:
+        raise LowbitError("transform 'r3' rotates Q and K for a quantized KV cache: set kv_cache, or drop r3 (it changes "
+                          "nothing without one)")
+    if "smoothquant" in seen and activations is None:
+        raise LowbitError("transform 'smoothquant' migrates activation outliers into the weights: it needs quantized "
+                          "activations (set activations), a weight-only recipe gains nothing from it")
+
+
+def check_model(specs: tuple[TransformSpec, ...], table: ArchTable, config: dict[str, Any]) -> Geometry:
+    """The model's geometry, or one line if a transform cannot apply to a model of this config (before loading)."""
+    geometry = table.geometry(config)
+    if geometry.heads % geometry.kv_heads:
+        raise LowbitError(f"{geometry.heads} attention heads are not a multiple of {geometry.kv_heads} KV heads")
+    for spec in specs:
+        check_sizes(spec.name, geometry, spec.block)
+    return geometry
+
+
+def _options(spec: TransformSpec) -> dict[str, Any]:
+    return {o: getattr(spec, o) for o in TRANSFORMS[spec.name].options}
+
+
+@torch.no_grad()
+def apply_model_transforms(
+    model: PreTrainedModel, table: ArchTable, geometry: Geometry, specs: tuple[TransformSpec, ...]
+) -> None:
+    """Apply the model-level transforms of ``specs`` to the float ``model`` in place, in order."""
+    for spec in specs:
+        entry = TRANSFORMS[spec.name]
+        if entry.level == MODEL:
+            entry.fn(model, table, geometry, **_options(spec))
+
+
+def stage_hook(
+    block: nn.Module, table: ArchTable, geometry: Geometry, specs: tuple[TransformSpec, ...]
+) -> StageHook | None:
+    """The staged runner's hook for ``block`` from the recipe's block-level transform, or None (check_recipe allows
+    one: a second would have to measure the input the first one changed)."""
+    for s in specs:
+        if TRANSFORMS[s.name].level == BLOCK:
+            return TRANSFORMS[s.name].fn(block, table, geometry, **_options(s))
+    return None
+
+
+def online(specs: tuple[TransformSpec, ...]) -> list[str]:
+    """Names of the transforms of ``specs`` that leave modules running at inference."""
+    return [s.name for s in specs if TRANSFORMS[s.name].online]

@@ -1,0 +1,41 @@
+"""What a recipe says about one transform: its registry name and options (a frozen, JSON-able record)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from lowbit.errors import LowbitError
+from lowbit.quantize.transforms import TRANSFORMS
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """One transform of a recipe, in the order the recipe lists it.
+
+    Attributes:
+        name: a registry key (``quantize recipes`` lists them).
+        random: rotations: a seeded random Hadamard ``diag(s) H`` (signs ``s`` from ``seed``) instead of a plain one.
+        seed: rotations: the seed of the random signs.
+        block: r4: a block-diagonal Hadamard of this order on the down_proj input (a power of two such as 64 keeps
+            vLLM on its fast kernel) instead of one of the full intermediate width.
+        alpha: smoothquant: migration strength, ``s = max|X|^alpha / max|W|^(1 - alpha)``.
+    """
+
+    name: str
+    random: bool = False
+    seed: int = 0
+    block: int | None = None
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        entry = TRANSFORMS.get(self.name)
+        if entry is None:
+            raise LowbitError(f"unknown transform {self.name!r}; valid: {', '.join(TRANSFORMS)}")
+        for f in fields(self):
+            if f.name != "name" and f.name not in entry.options and getattr(self, f.name) != f.default:
+                takes = ", ".join(entry.options) or "no options"
+                raise LowbitError(f"transform {self.name!r} has no option {f.name!r} (it takes {takes})")
+        if self.block is not None and self.block < 1:
+            raise LowbitError(f"transform {self.name!r}: block must be a positive integer, got {self.block}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise LowbitError(f"transform {self.name!r}: alpha must be in [0, 1], got {self.alpha}")
