@@ -85,12 +85,17 @@ def model_cmd(
 
 @app.command("recipes")
 def recipes_cmd() -> None:
-    """List the preset recipes, one line each."""
+    """List the preset recipes, one line each, then the transforms a recipe can list (``transforms: [...]``)."""
     from lowbit.quantize.recipe import PRESETS
+    from lowbit.quantize.transforms import TRANSFORMS
 
     width = max(len(n) for n in PRESETS)
     for name, r in PRESETS.items():
         typer.echo(f"{name:<{width}}  {r.method:<5}  {r.description}")
+    typer.echo("\ntransforms (a recipe's `transforms:` list, applied in order before rounding):")
+    for name, t in TRANSFORMS.items():
+        opts = f" [options: {', '.join(t.options)}]" if t.options else ""
+        typer.echo(f"  {name:<12} {t.level:<5}  {t.description}{opts}")
 
 
 @app.command("inspect")

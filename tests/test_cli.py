@@ -83,8 +83,10 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 def test_recipes_lists_presets() -> None:
     result = runner.invoke(app, ["recipes"])
     assert result.exit_code == 0
-    names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert {"w4a16", "w8a8", "w4a8"} <= set(names)
+    presets, _, transforms = result.stdout.partition("\ntransforms")
+    names = [line.split()[0] for line in presets.splitlines()]
+    assert {"w4a16", "w8a8", "w4a8", "w4a16-rot", "w4a4kv4-rot"} <= set(names)
+    assert {"fold_norms", "r1", "r2", "r3", "r4", "smoothquant"} <= {l.split()[0] for l in transforms.splitlines()[1:]}
 
 
 def test_model_inspect_and_eval(stories_dir: Path, tmp_path: Path, stored_bits_per_weight) -> None:

@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
-from lowbit.formats.checkpoint import WEIGHTS_FILE, layer_nbytes, parse_quantization_config, tensor_nbytes
+from lowbit.formats.checkpoint import (
+    WEIGHTS_FILE, OnlineTransform, layer_nbytes, parse_quantization_config, parse_transform_config, tensor_nbytes,
+)
 from lowbit.quantize.destination import REPORT_FILE
 from lowbit.quantize.results import QuantizeResult
+from lowbit.quantize.transforms import TRANSFORMS
 
 
 def human_bytes(n: float) -> str:
@@ -42,7 +45,8 @@ def print_summary(result: QuantizeResult, top: int = 5) -> None:
     print(f"  size before       {human_bytes(result.size_before)}")
     print(f"  size after        {human_bytes(result.size_after)}  ({ratio:.2f}x smaller)")
     print(f"  bits per weight   {result.bits_per_weight:.3f} over {sum(l['shape'][0] * l['shape'][1] for l in layers):,} quantized weights")
-    print(f"  time              {result.seconds:.1f} s")
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if k != "rounding")
+    print(f"  time              {result.seconds:.1f} s" + (f" ({parts})" if parts else ""))
     fallbacks = [l for l in layers if l["fallback"]]
     if fallbacks:
         print(f"  group fallbacks   {len(fallbacks)} layers (e.g. {fallbacks[0]['name']}: {fallbacks[0]['fallback']})")
@@ -74,6 +78,8 @@ def inspect_dir(directory: Path) -> dict[str, Any]:
     layers = [{**l, "bits_per_weight": 8 * nbytes[l["name"]] / (l["shape"][0] * l["shape"][1])} for l in layers]
     n_weights = sum(l["shape"][0] * l["shape"][1] for l in layers)
     bits = 8 * sum(nbytes.values()) / n_weights if n_weights else None
+    online = parse_transform_config(qc)
+    recipe = report.get("recipe", qc.get("lowbit", {}).get("recipe")) or {}
     return {
         "directory": str(directory),
         "format": qc.get("format"),
@@ -89,7 +95,31 @@ def inspect_dir(directory: Path) -> dict[str, Any]:
         "bits_per_weight": bits,
         "group_fallbacks": {l["name"]: l["fallback"] for l in layers if l.get("fallback")},
         "layers": layers,
+        "fused_transforms": [t["name"] for t in recipe.get("transforms", []) if t["name"] not in ONLINE_TRANSFORMS],
+        "transforms": [
+            {"group": t.group, "type": t.kind, "location": t.location, "block": t.block, "modules": len(t.targets),
+             "bytes": sum(n for k, n in sizes.items() if k.endswith(f".{t.group}_{t.location}.weight"))}
+            for t in online
+        ],
+        "kv_cache": qc.get("kv_cache_scheme"),
+        "warning": runtime_warning(online, qc.get("kv_cache_scheme")),
     }
+
+
+# Transforms that leave modules running at inference (quantize/transforms/: registered with online=True).
+ONLINE_TRANSFORMS = tuple(name for name, t in TRANSFORMS.items() if t.online)
+
+
+def runtime_warning(online: list[OnlineTransform], kv: dict[str, Any] | None) -> str | None:
+    """What a runtime other than lowbit would get wrong with this checkpoint (docs/FORMAT.md), or None."""
+    if not online and not kv:
+        return None
+    attention = sorted({t.location for t in online if t.location != "input"}) + (["the quantized KV cache"] if kv else [])
+    if attention:
+        return (f"this checkpoint needs lowbit (lowbit.load, quantize eval): {', '.join(attention)} are applied by no "
+                "other runtime today, and transformers applies no online transform")
+    return ("this checkpoint has online transforms (input of linears): it needs lowbit or vLLM; transformers does not "
+            "apply them and would compute wrong outputs")
 
 
 def print_inspect(info: dict[str, Any], top: int) -> None:
@@ -111,6 +141,16 @@ def print_inspect(info: dict[str, Any], top: int) -> None:
         print(f"  size after        {human_bytes(info['size_after'])}")
     if info["bits_per_weight"]:
         print(f"  bits per weight   {info['bits_per_weight']:.3f}")
+    if info.get("fused_transforms"):
+        print(f"  fused transforms  {', '.join(info['fused_transforms'])}")
+    for t in info.get("transforms", []):
+        print(f"  online transform  {t['group']} {t['type']} (order {t['block']}) at {t['location']} of {t['modules']} "
+              f"modules, {human_bytes(t['bytes'])}")
+    if info.get("kv_cache"):
+        kv = info["kv_cache"]
+        print(f"  KV cache          int{kv['num_bits']} {'sym' if kv['symmetric'] else 'asym'} per token and head")
+    if info.get("warning"):
+        print(f"  warning: {info['warning']}")
     fb = info["group_fallbacks"]
     if fb:
         print(f"  group fallbacks   {len(fb)} layers:")

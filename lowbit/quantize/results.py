@@ -45,7 +45,8 @@ class LayerResult:
 class QuantizeResult:
     """What ``quantize_model`` returns: where the output is and the numbers of the summary.
 
-    ``timings`` (seconds; not written to the report, which stays deterministic): ``load``, ``allocation``
+    ``timings`` (seconds; not written to the report, which stays deterministic): ``load``, ``transform``
+    (the model-level transforms and the attention setup), ``allocation``
     (BAQ's sensitivity pass), ``blocks`` (the calibration pass through every block, statistics and
     rounding included), ``rounding`` (the part of ``blocks`` spent in the rounding method) and ``write``.
     """
