@@ -46,11 +46,15 @@ class OnlineHadamard(nn.Module):
         if signs is not None:
             H = signs.to(torch.float64)[:, None] * H
         self.register_buffer("weight", H.round().to(torch.float16))
-        self._signs: torch.Tensor | None = None if signs is None else signs.to(torch.float32)
-        self._dense: torch.Tensor | None = None  # set when a loaded weight is not a (signed) Hadamard of ours
+        # What forward runs, derived from ``weight``; non-persistent buffers, so they follow .to() but are not stored.
+        self.register_buffer("signs", None if signs is None else signs.to(torch.float32), persistent=False)
+        self.register_buffer("dense", None, persistent=False)  # set when a loaded weight is not a Hadamard of ours
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        stored = state_dict.get(prefix + "weight")
+        if isinstance(stored, torch.Tensor) and stored.shape == self.weight.shape:  # keep the file's dtype
+            self._buffers["weight"] = torch.empty_like(stored, device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.adopt_weight()
 
     def adopt_weight(self) -> None:
@@ -60,27 +64,25 @@ class OnlineHadamard(nn.Module):
         H = hadamard_matrix(self.block, torch.float64) * math.sqrt(self.block)
         signs = torch.sign(W[:, 0] * H[:, 0])
         if bool((signs[:, None] * H == W).all()):
-            self._signs = None if bool((signs == 1).all()) else signs.float()
-            self._dense = None
+            self.signs = None if bool((signs == 1).all()) else signs.float().to(self.weight.device)
+            self.dense = None
         else:
             Q = W / math.sqrt(self.block)
             if not torch.allclose(Q @ Q.T, torch.eye(self.block, dtype=torch.float64), atol=1e-4):
                 raise LowbitError(f"an online transform's stored matrix ({self.block} x {self.block}) is not orthogonal "
                                   "once divided by sqrt(size)")
-            self._dense, self._signs = Q.float(), None
+            self.dense, self.signs = Q.float().to(self.weight.device), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., n]`` (n a multiple of ``block``) -> ``x @ M`` in ``x.dtype``."""
-        if self._dense is not None:
-            shape = x.shape
-            y = x.float().reshape(-1, self.block) @ self._dense.to(x.device)
-            return y.reshape(shape).to(x.dtype)
-        signs = None if self._signs is None else self._signs.to(x.device)
-        return block_hadamard(x, self.block, signs)
+        if self.dense is not None:
+            y = x.float().reshape(-1, self.block) @ self.dense.float()
+            return y.reshape(x.shape).to(x.dtype)
+        return block_hadamard(x, self.block, self.signs)
 
     def matrix(self, n: int) -> torch.Tensor:
         """The dense ``[n, n]`` float64 ``M`` with ``forward(x) == x @ M`` (for fusing its inverse into weights)."""
-        blk = self.weight.double() / math.sqrt(self.block) if self._dense is None else self._dense.double()
+        blk = self.weight.double() / math.sqrt(self.block) if self.dense is None else self.dense.double()
         return torch.block_diag(*[blk] * (n // self.block))
 
     def extra_repr(self) -> str:

@@ -19,7 +19,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lowbit.formats.scheme import ActScheme
-from lowbit.kernels.online import K_CACHE, Q_ATTN, OnlineHadamard, online_child
+from lowbit.kernels.online import K_CACHE, Q_ATTN, online_child
 from lowbit.kernels.quant_linear import fake_quantize_activation
 
 ATTENTION = "lowbit"
@@ -51,23 +51,9 @@ def attention_modules(model: nn.Module, blocks: str, attention: str) -> list[tup
     return [(f"{blocks}.{i}.{attention}", block.get_submodule(attention)) for i, block in enumerate(layers)]
 
 
-def install_attention(
-    model: PreTrainedModel, modules: list[nn.Module], kv: ActScheme | None,
-    transforms: dict[str, OnlineHadamard] | None = None,
-) -> None:
-    """Give each attention module of ``modules`` the KV scheme ``kv`` and fresh copies of ``transforms``
-    (child name -> online transform, ``R3_q_attn``...), and switch the model to :func:`lowbit_attention`."""
+def install_attention(model: PreTrainedModel, modules: list[nn.Module], kv: ActScheme | None) -> None:
+    """Give each attention module of ``modules`` the KV scheme ``kv`` (None: a float cache) and switch the model to
+    :func:`lowbit_attention` (which also runs the modules' ``*_q_attn`` / ``*_k_cache`` children)."""
     for m in modules:
         setattr(m, KV_ATTR, kv)
-        for name, t in (transforms or {}).items():
-            copy = OnlineHadamard(t.block, t._signs, t.kind)
-            m.add_module(name, copy)
     model.set_attn_implementation(ATTENTION)
-
-
-def uses_lowbit_attention(model: nn.Module) -> bool:
-    """True if any module carries a KV scheme or an online attention transform."""
-    return any(
-        getattr(m, KV_ATTR, None) is not None or online_child(m, Q_ATTN) is not None or online_child(m, K_CACHE) is not None
-        for m in model.modules()
-    )
