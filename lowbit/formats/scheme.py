@@ -21,8 +21,24 @@ SCALE_FORMATS = ("float", "e8m0", "e4m3", "dual")
 MIN_FALLBACK_GROUP = 32
 
 
+class SignedRange:
+    """The signed code range of a ``bits``-wide integer grid (weights and activations alike)."""
+
+    bits: int
+
+    @property
+    def qmin(self) -> int:
+        """Smallest signed code, -2^(bits-1)."""
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        """Largest signed code, 2^(bits-1) - 1."""
+        return (1 << (self.bits - 1)) - 1
+
+
 @dataclass(frozen=True)
-class WeightScheme:
+class WeightScheme(SignedRange):
     """How a weight matrix ``W [out, in]`` is quantized.
 
     Attributes:
@@ -108,16 +124,6 @@ class WeightScheme:
         sym = "" if self.format == "float" else (" sym" if self.symmetric else " asym")
         return f"{elem} {shape}{sym}{extra}"
 
-    @property
-    def qmin(self) -> int:
-        """Smallest signed code, -2^(bits-1)."""
-        return -(1 << (self.bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        """Largest signed code, 2^(bits-1) - 1."""
-        return (1 << (self.bits - 1)) - 1
-
     def columns_per_scale(self, in_features: int) -> int:
         """Columns that share one scale for a layer with ``in_features`` inputs (see resolve_group_size)."""
         if self.strategy == "group":
@@ -154,7 +160,7 @@ ACT_STRATEGIES = ("token", "group")
 
 
 @dataclass(frozen=True)
-class ActScheme:
+class ActScheme(SignedRange):
     """How the input activations of a linear are quantized at run time (dynamic: the scales are computed from
     each input as it comes; formats/int.py ``quantize_activation``).
 
@@ -212,16 +218,6 @@ class ActScheme:
         sym = "" if self.format == "float" else (" sym" if self.symmetric else " asym")
         clip = "" if self.clip_ratio == 1.0 else f" clip{self.clip_ratio:g}"
         return f"{elem} {shape}{sym}{clip}"
-
-    @property
-    def qmin(self) -> int:
-        """Smallest signed code, -2^(bits-1)."""
-        return -(1 << (self.bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        """Largest signed code, 2^(bits-1) - 1."""
-        return (1 << (self.bits - 1)) - 1
 
     def check_features(self, in_features: int, where: str) -> None:
         """Raise a one-line LowbitError when the group size does not divide ``in_features`` (the inputs' last
