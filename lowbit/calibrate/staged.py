@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit.calibrate.runner import BlockInputs
 from lowbit.calibrate.stats import InputStats
-from lowbit.kernels.online import hook_linear_input
+from lowbit.kernels.online import input_transform
 from lowbit.models.arch import ArchTable
 from lowbit.models.loading import get_module
 
@@ -35,18 +35,18 @@ class _Stop(Exception):
 
 
 def input_of_linear(block: nn.Module, branch: nn.Module, linear: str, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """Run ``branch`` on ``x`` up to ``linear`` (a path in ``block``) and return what its weight multiplies.
+    """Run ``branch`` on ``x`` up to ``linear`` (a path in ``block``) and return that linear's input.
 
-    Nothing after ``linear`` runs: a hook captures the input (after the linear's online input transform, if it
-    has one: kernels/online.py) and stops the forward.
+    Nothing after ``linear`` runs: a pre-hook captures the input (before the linear's own online input transform,
+    if it has one: the linear is then called on it) and stops the forward.
     """
     captured: list[torch.Tensor] = []
 
-    def grab(x: torch.Tensor) -> None:
-        captured.append(x)
+    def grab(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        captured.append(args[0])
         raise _Stop
 
-    handle = hook_linear_input(get_module(block, linear), grab)
+    handle = get_module(block, linear).register_forward_pre_hook(grab)
     try:
         branch(x, **kwargs)
     except _Stop:
@@ -71,10 +71,13 @@ def _consume(xs: list[Any], fn: Callable[[int, torch.Tensor], torch.Tensor]) -> 
     return out
 
 
-def _stats(xs: list[torch.Tensor]) -> InputStats:
+def _stats(xs: list[torch.Tensor], linear: nn.Module | None = None) -> InputStats:
+    """Statistics of what ``linear``'s weight multiplies: ``xs`` after its online input transform, if it has one
+    (kernels/online.py), so the Hessian is in the rotated basis; ``xs`` themselves are left as they are."""
+    t = None if linear is None else input_transform(linear)
     acc = InputStats(xs[0].shape[-1], xs[0].device)
     for x in xs:
-        acc.add(x)
+        acc.add(x if t is None else t(x))
     return acc
 
 
@@ -106,16 +109,16 @@ def run_block_staged(
     xs = [get_module(block, norm1)(h) for h in hidden]
     if before is not None and before(0, xs, inputs.kwargs):
         xs = [get_module(block, norm1)(h) for h in hidden]
-    on_group(0, _stats(xs))
+    on_group(0, _stats(xs, get_module(block, table.sequential[0][0])))
     o_in = _consume(xs, lambda k, x: input_of_linear(block, attn, o_proj, x, inputs.kwargs[k]))
-    on_group(1, _stats(o_in))
+    on_group(1, _stats(o_in, get_module(block, o_proj)))
     _consume(o_in, lambda k, a: hidden[k].add_(get_module(block, o_proj)(a)))  # h1 = h + attn(norm1(h))
     ms = [get_module(block, norm2)(h) for h in hidden]
     if before is not None and before(2, ms, inputs.kwargs):
         ms = [get_module(block, norm2)(h) for h in hidden]
-    on_group(2, _stats(ms))
+    on_group(2, _stats(ms, get_module(block, table.sequential[2][0])))
     d_in = _consume(ms, lambda k, m: input_of_linear(block, mlp, down_proj, m, {}))
-    on_group(3, _stats(d_in))
+    on_group(3, _stats(d_in, get_module(block, down_proj)))
     _consume(d_in, lambda k, d: hidden[k].add_(get_module(block, down_proj)(d)))  # out = h1 + mlp(norm2(h1))
     inputs.hidden = []
     return hidden

@@ -95,6 +95,26 @@ def test_r4_keeps_logits_and_runs_online(llama_dir: Path) -> None:
     assert _rel(_logits(model), before) < 1e-4
 
 
+def test_staged_runner_with_online_r4(llama_dir: Path) -> None:
+    """With R4 online, the staged runner computes the block's own outputs (the rotation runs once, not again on a
+    captured input) and hands the rounding the Hessian of the rotated down_proj input."""
+    model, _ = _transformed(llama_dir, (T("r4", random=True),))
+    windows = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    block = get_module(model, LLAMA.blocks)[0]
+    down = get_module(block, LLAMA.down)
+    seen: list[torch.Tensor] = []
+    handle = down.register_forward_pre_hook(lambda _m, args: seen.append(input_transform(down)(args[0]).reshape(-1, 128)))
+    ref = run_block(block, capture_block_inputs(model, LLAMA, windows, 4, "cpu"))
+    handle.remove()
+    hessians: dict[int, torch.Tensor] = {}
+    got = run_block_staged(block, LLAMA, capture_block_inputs(model, LLAMA, windows, 4, "cpu"),
+                           lambda i, stats: hessians.setdefault(i, stats.hessian()))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    X = torch.cat(seen).double()
+    torch.testing.assert_close(hessians[3].double(), X.T @ X / X.shape[0], rtol=1e-4, atol=1e-6)
+
+
 def test_block_r4_keeps_logits(llama_dir: Path) -> None:
     model, before = _transformed(llama_dir, (T("r4", block=32),))
     assert input_transform(get_module(model, "model.layers.1.mlp.down_proj")).block == 32
