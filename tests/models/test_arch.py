@@ -48,3 +48,21 @@ def test_unknown_type_lists_supported_types() -> None:
     assert "\n" not in message
     for supported in ARCH_TABLES:
         assert supported in message
+
+
+def test_rotation_roles_cover_every_linear_and_geometry_reads_the_config() -> None:
+    """Each linear of a block is a reader or a writer of the residual stream (or o_proj/down_proj); the head
+    geometry comes from the config, head_dim defaulting to hidden / heads."""
+    from lowbit.errors import LowbitError
+    from lowbit.models.arch import LLAMA, Geometry
+
+    assert set(LLAMA.readers) | set(LLAMA.writers) == set(LLAMA.linears)
+    assert {LLAMA.value, LLAMA.up} <= set(LLAMA.readers) and {LLAMA.out, LLAMA.down} == set(LLAMA.writers)
+    smol = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "head_dim": 64}
+    assert LLAMA.geometry(smol) == Geometry(576, 1536, 9, 3, 64)
+    assert LLAMA.geometry({**smol, "head_dim": None, "num_key_value_heads": None}) == Geometry(576, 1536, 9, 9, 64)
+    import pytest
+
+    with pytest.raises(LowbitError, match="lacks a head or width size"):
+        LLAMA.geometry({"hidden_size": 576})
