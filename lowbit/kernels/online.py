@@ -39,9 +39,9 @@ class OnlineHadamard(nn.Module):
             applying); float16 halves the checkpoint's share of a full-width R4 (1536^2 entries per layer).
     """
 
-    def __init__(self, block: int, signs: torch.Tensor | None = None, kind: str = "hadamard") -> None:
+    def __init__(self, block: int, signs: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.block, self.kind = block, kind
+        self.block = block
         H = hadamard_matrix(block, torch.float64) * math.sqrt(block)
         if signs is not None:
             H = signs.to(torch.float64)[:, None] * H
@@ -72,6 +72,15 @@ class OnlineHadamard(nn.Module):
                 raise LowbitError(f"an online transform's stored matrix ({self.block} x {self.block}) is not orthogonal "
                                   "once divided by sqrt(size)")
             self.dense, self.signs = Q.float().to(self.weight.device), None
+
+    @property
+    def kind(self) -> str:
+        """compressed-tensors' transform type for this matrix: "hadamard" only for an unsigned power-of-two order,
+        the Sylvester matrix that compressed-tensors and vLLM build themselves (vLLM runs it with its Hadamard kernel);
+        "random-hadamard" otherwise, a type whose matrix is taken from the checkpoint (compressed-tensors'
+        "hadamard" refuses other orders, and its tables for them differ from formats/hadamard.py's Paley cores)."""
+        sylvester = self.block & (self.block - 1) == 0 and self.signs is None and self.dense is None
+        return "hadamard" if sylvester else "random-hadamard"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., n]`` (n a multiple of ``block``) -> ``x @ M`` in ``x.dtype``."""

@@ -57,7 +57,7 @@ def _install_online(model: PreTrainedModel, qc: dict[str, Any]) -> None:
             if not any(matches(name, type(module).__name__, target) for target in t.targets):
                 continue
             hits += 1
-            child = OnlineHadamard(t.block, kind=t.kind)
+            child = OnlineHadamard(t.block)
             if t.location != INPUT:
                 module.add_module(child_name, child)
             elif isinstance(module, QuantLinear):

@@ -43,8 +43,8 @@ def test_r3_leaves_attention_unchanged() -> None:
     q, k, v = _qkv()
     ref = sdpa_attention_forward(m, q, k, v, None, scaling=8 ** -0.5)[0]
     signs = random_signs(8, 1)
-    m.add_module("R3_q_attn", OnlineHadamard(8, signs, "random-hadamard"))
-    m.add_module("R3_k_cache", OnlineHadamard(8, signs, "random-hadamard"))
+    m.add_module("R3_q_attn", OnlineHadamard(8, signs))
+    m.add_module("R3_k_cache", OnlineHadamard(8, signs))
     got = lowbit_attention(m, q, k, v, None, scaling=8 ** -0.5)[0]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -72,11 +72,12 @@ def test_online_hadamard_reads_back_what_it_stores() -> None:
     """A stored ``diag(s) H`` is recognised (fast path with the same signs); another orthogonal matrix runs dense;
     a matrix that is not orthogonal once divided by sqrt(n) is refused."""
     x = torch.randn(3, 24)
-    src = OnlineHadamard(12, random_signs(12, 4), "random-hadamard")
+    src = OnlineHadamard(12, random_signs(12, 4))
     dst = OnlineHadamard(12)
     dst.load_state_dict(src.state_dict())
     torch.testing.assert_close(dst(x), src(x))
-    assert dst.dense is None and dst.signs is not None
+    assert dst.dense is None and dst.signs is not None and dst.kind == "random-hadamard"
+    assert OnlineHadamard(64).kind == "hadamard" and OnlineHadamard(12).kind == "random-hadamard"
     Q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
     dst.load_state_dict({"weight": (Q * math.sqrt(12)).float()})  # e.g. written by another tool, in float32
     assert dst.dense is not None and dst.weight.dtype == torch.float32

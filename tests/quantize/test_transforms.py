@@ -248,6 +248,7 @@ def test_online_checkpoint_writes_a_valid_transform_config_and_loads_back(tmp_pa
     QuantizationArgs.model_validate(qc["kv_cache_scheme"])
     assert qc["lowbit"]["format_version"] == 2 and qc["lowbit"]["kv_cache_clip_ratio"] == 0.95
     groups = qc["transform_config"]["config_groups"]
+    # power-of-two orders without signs are compressed-tensors' own "hadamard"; signed ones are "random-hadamard"
     assert groups["R4"]["type"] == "hadamard" and groups["R3"]["type"] == "random-hadamard"
     assert {a["location"] for a in groups["R3"]["apply"]} == {"q_attn", "k_cache"}
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -255,6 +256,9 @@ def test_online_checkpoint_writes_a_valid_transform_config_and_loads_back(tmp_pa
         r4 = f.get_tensor("model.layers.1.mlp.down_proj.R4_input.weight")
     assert {"model.layers.0.self_attn.R3_q_attn.weight", "model.layers.0.self_attn.R3_k_cache.weight"} <= keys
     assert r4.shape == (128, 128) and set(r4.unique().tolist()) == {-1.0, 1.0}
+    from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
+
+    assert torch.equal(r4.float(), deterministic_hadamard_matrix(128, torch.float32))  # what vLLM builds for "hadamard"
     loaded = lowbit.load(out)
     assert loaded.config._attn_implementation == "lowbit"
     assert isinstance(get_module(loaded, "model.layers.1.mlp.down_proj"), QuantLinear)

@@ -124,10 +124,9 @@ def rotate_qk(model: PreTrainedModel, table: ArchTable, geometry: Geometry, rand
     """R3: ``R3_q_attn`` and ``R3_k_cache`` children on every attention module, run by models/attention.py."""
     d = geometry.head_dim
     s = _signs(d, random, seed)
-    kind = "random-hadamard" if random else "hadamard"
     for _, attn in attention_modules(model, table.blocks, table.attention):
-        attn.add_module(f"R3_{Q_ATTN}", OnlineHadamard(d, s, kind))
-        attn.add_module(f"R3_{K_CACHE}", OnlineHadamard(d, s, kind))
+        attn.add_module(f"R3_{Q_ATTN}", OnlineHadamard(d, s))
+        attn.add_module(f"R3_{K_CACHE}", OnlineHadamard(d, s))
     model.set_attn_implementation(ATTENTION)
 
 
@@ -139,11 +138,10 @@ def rotate_down(
     """R4: ``x <- x Q`` in front of down_proj (an ``R4_input`` child) and ``W_down <- W_down Q``."""
     b = block or geometry.intermediate
     s = _signs(b, random, seed)
-    kind = "random-hadamard" if random else "hadamard"
     for layer in get_module(model, table.blocks):
         down = get_module(layer, table.down)
         _update(down.weight, lambda W: rotate_input_side(W, b, s))
-        set_module(layer, table.down, TransformedLinear.wrap(down, f"R4_{INPUT}", OnlineHadamard(b, s, kind)))
+        set_module(layer, table.down, TransformedLinear.wrap(down, f"R4_{INPUT}", OnlineHadamard(b, s)))
 
 
 def rotation_sizes(name: str, geometry: Geometry, block: int | None) -> list[tuple[str, int]]:
