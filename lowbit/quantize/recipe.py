@@ -157,7 +157,7 @@ PRESETS: dict[str, Recipe] = {
         Recipe("w4a8-rot", "R1 + R2 fused and R4 online (Hadamard on the down_proj input), INT4 group-128 weights (GPTQ), "
                "INT8 dynamic per-token activations", INT4_G128, ActScheme(), method=GPTQ, rounding=GPTQ_BEST,
                transforms=ROT_FUSED + (TransformSpec("r4"),)),
-        Recipe("w8a8-smooth", "SmoothQuant (alpha 0.5, into the norm gains and v into o), INT8 per-channel weights by GPTQ, "
+        Recipe("w8a8-smooth", "SmoothQuant (alpha 0.5: into the norm gains, v into o, up into down), INT8 per-channel weights by GPTQ, "
                "INT8 dynamic per-token activations", INT8_CHANNEL, ActScheme(), method=GPTQ, rounding=GPTQ_BEST,
                transforms=(TransformSpec("smoothquant", alpha=0.5),)),
         Recipe("w4a4kv4-rot", "R1 + R2 fused, R3 (Q/K after RoPE) and R4 online; INT4 group-128 weights (GPTQ), INT4 "

@@ -155,7 +155,7 @@ def test_smoothquant_keeps_block_outputs_and_flattens_activations(llama_dir: Pat
         assert _rel(a, b) < 1e-5
     changed = {k for k, v in block.state_dict().items() if not torch.equal(v, state[k])}
     assert {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight", "self_attn.q_proj.weight", "mlp.up_proj.weight"} <= changed
+            "self_attn.o_proj.weight", "self_attn.q_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"} <= changed
     assert spread(norm(inputs.hidden[0]).detach()) < spread(x_before)
 
 

@@ -2,9 +2,11 @@
 
 For a norm and the linears that read it, ``s_j = max|X_j|^alpha / max_readers |W[:, j]|^(1 - alpha)``: the norm
 gain is divided by ``s`` and the readers' columns multiplied by it, which leaves every product unchanged and
-flattens the activation channels. The value projection and o_proj get the same migration: v_proj's output rows
-are divided by ``s`` and o_proj's input columns multiplied, with one scale per (KV head, channel), the largest
-over the query heads that share it, since attention mixes tokens but never channels. The statistics are those of
+flattens the activation channels. The two inner inputs get the same migration from the linear that produces
+them: v_proj's output rows are divided by ``s`` and o_proj's input columns multiplied, with one scale per
+(KV head, channel), the largest over the query heads that share it (attention mixes tokens but never
+channels); up_proj's rows are divided and down_proj's columns multiplied (the MLP is linear in up's output),
+which is where SmolLM2's largest activation outliers are. The statistics are those of
 the block's own calibration inputs, measured by the staged runner's hook (calibrate/staged.py) after the earlier
 blocks are quantized.
 """
@@ -42,9 +44,10 @@ def _scale_columns(linear: nn.Module, s: torch.Tensor) -> None:
 
 
 @register("smoothquant", BLOCK, options=("alpha",),
-          description="SmoothQuant: per-channel scales migrated from the activations into the norm gains and v into o")
+          description="SmoothQuant: per-channel scales migrated from the activations into the norm gains, v into o, up into down")
 def smoothquant(block: nn.Module, table: ArchTable, geometry: Geometry, alpha: float) -> StageHook:
-    """The stage hook that smooths ``block``'s two norms (and v into o, with the first norm)."""
+    """The stage hook that smooths ``block``'s two norms, v into o with the first, up into down with the second (the
+    producing linear must still be in float: it is quantized right after the hook)."""
 
     def before(index: int, xs: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> bool:
         norm_name, reader_names = table.norms[0 if index == 0 else 1]
@@ -56,11 +59,29 @@ def smoothquant(block: nn.Module, table: ArchTable, geometry: Geometry, alpha: f
             gain.data.copy_((gain.data.double() / s).to(gain.dtype))
         for r in readers:
             _scale_columns(r, s)
+        smoothed = [x / s.to(x.dtype) for x in xs]  # what the norm now computes, up to rounding
         if index == 0:
-            _smooth_value_out(block, table, geometry, [x / s.to(x.dtype) for x in xs], kwargs, alpha)
+            _smooth_value_out(block, table, geometry, smoothed, kwargs, alpha)
+        else:
+            _smooth_up_down(block, table, smoothed, alpha)
         return True
 
     return before
+
+
+def _smooth_up_down(block: nn.Module, table: ArchTable, xs: list[torch.Tensor], alpha: float) -> None:
+    """up -> down migration, measured on down_proj's inputs for the (already smoothed) norm outputs ``xs``:
+    ``down(act(gate(x)) * up(x))`` is linear in up's outputs, so up's rows are divided by ``s`` and down's columns
+    multiplied."""
+    mlp = get_module(block, table.mlp)
+    down_in = _absmax([input_of_linear(block, mlp, table.down, x, {}) for x in xs])
+    down, up = get_module(block, table.down), get_module(block, table.up)
+    s = migration_scales(down_in, down.weight.detach().abs().amax(0).double(), alpha)
+    with torch.no_grad():
+        up.weight.data.copy_((up.weight.data.double() / s[:, None]).to(up.weight.dtype))
+        if up.bias is not None:
+            up.bias.data.copy_((up.bias.data.double() / s).to(up.bias.dtype))
+    _scale_columns(down, s)
 
 
 def _smooth_value_out(
