@@ -93,7 +93,7 @@ class Recipe:
         """Plain JSON-able dict (the inverse of :func:`recipe_from_dict`)."""
         d = dataclasses.asdict(self)
         d["ignore"] = list(self.ignore)
-        d["transforms"] = [dataclasses.asdict(t) for t in self.transforms]
+        d["transforms"] = [t.to_dict() for t in self.transforms]
         if self.baq is not None:
             d["baq"]["widths"] = list(self.baq.widths)
             d["baq"]["group_sizes"] = list(self.baq.group_sizes)

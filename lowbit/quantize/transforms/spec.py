@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 from lowbit.errors import LowbitError
 from lowbit.quantize.transforms import TRANSFORMS
@@ -26,6 +27,10 @@ class TransformSpec:
     seed: int = 0
     block: int | None = None
     alpha: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., <the options this transform reads>...}`` (what a recipe file says)."""
+        return {"name": self.name, **{o: getattr(self, o) for o in TRANSFORMS[self.name].options}}
 
     def __post_init__(self) -> None:
         entry = TRANSFORMS.get(self.name)
