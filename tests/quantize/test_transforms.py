@@ -274,3 +274,17 @@ def test_inspect_lists_online_transforms_and_warns(tmp_path: Path, llama_dir: Pa
     info = inspect_dir(out)
     assert [t["group"] for t in info["transforms"]] == ["R4"]
     assert "lowbit or vLLM" in info["warning"]
+
+
+def test_rotations_keep_stories_perplexity(stories_dir: Path) -> None:
+    """The float model's perplexity (the project's own protocol, 4 windows of 256 WikiText-2 tokens) moves by less
+    than 0.1 % under R1 + R2 + R3 (stories260K; BENCHMARKS.md has the SmolLM2 row)."""
+    from lowbit.calibrate.sources import wikitext2_test_text
+    from lowbit.quantize.evaluate import perplexity
+
+    text = wikitext2_test_text(None)
+    model, tokenizer, _, _ = load_float_model(stories_dir)
+    before = perplexity(model, tokenizer, text, seqlen=256, limit=4, progress=False)["ppl"]
+    rotated, _ = _transformed(stories_dir, (T("fold_norms"), T("r1", random=True), T("r2"), T("r3")))
+    after = perplexity(rotated, tokenizer, text, seqlen=256, limit=4, progress=False)["ppl"]
+    assert abs(after / before - 1) < 1e-3
