@@ -22,8 +22,6 @@ CONFIGS = {
     "float": (),
     "R1+R2 (fused)": (T("fold_norms"), T("r1"), T("r2")),
     "R1+R2 fused, R3+R4 online": (T("fold_norms"), T("r1"), T("r2"), T("r3"), T("r4")),
-    "random R1-R4 (seed 0)": (T("fold_norms"), T("r1", random=True), T("r2", random=True), T("r3", random=True),
-                              T("r4", random=True)),
 }
 
 

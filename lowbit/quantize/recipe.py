@@ -154,6 +154,9 @@ PRESETS: dict[str, Recipe] = {
         Recipe("w4a16-rot", "R1 + R2 Hadamard rotations fused into the weights (norm gains folded, lm_head untied), "
                "then w4a16: INT4 symmetric group-128 weights, GPTQ; a plain compressed-tensors checkpoint",
                INT4_G128, method=GPTQ, rounding=GPTQ_BEST, transforms=ROT_FUSED),
+        Recipe("w4a16-rot4", "w4a16-rot plus R4 online (Hadamard on the down_proj input, its transpose fused into "
+               "down_proj): better weights, but the checkpoint needs lowbit or vLLM", INT4_G128, method=GPTQ,
+               rounding=GPTQ_BEST, transforms=ROT_FUSED + (TransformSpec("r4"),)),
         Recipe("w4a8-rot", "R1 + R2 fused and R4 online (Hadamard on the down_proj input), INT4 group-128 weights (GPTQ), "
                "INT8 dynamic per-token activations", INT4_G128, ActScheme(), method=GPTQ, rounding=GPTQ_BEST,
                transforms=ROT_FUSED + (TransformSpec("r4"),)),
