@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path, and its kernels.py would shadow the `kernels` package that
+# transformers imports: drop it (the package is found through the install instead).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from lowbit.calibrate.sources import wikitext2_test_text
 from lowbit.models.loading import check_model_dir, load_float_model, resolve_model_dir
