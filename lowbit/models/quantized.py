@@ -68,11 +68,9 @@ def _install_online(model: PreTrainedModel, qc: dict[str, Any]) -> None:
                 raise LowbitError(f"transform {t.group}: an input transform on {name}, which is not a linear layer")
         if hits == 0:
             raise LowbitError(f"transform {t.group} ({t.location}) targets no module of this model: {list(t.targets)[:3]}")
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = parse_kv_cache_scheme(qc, head_dim)
+    table = arch_table(model.config.model_type)
+    kv = parse_kv_cache_scheme(qc, table.geometry(model.config.to_dict()).head_dim)
     if kv is not None or any(t.location != INPUT for t in transforms):
-        table = arch_table(config.model_type)
         install_attention(model, [m for _, m in attention_modules(model, table.blocks, table.attention)], kv)
 
 

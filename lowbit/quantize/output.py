@@ -24,6 +24,7 @@ from lowbit.formats.checkpoint import (
 )
 from lowbit.formats.scheme import ActScheme
 from lowbit.kernels.online import ONLINE_LOCATIONS, OnlineHadamard
+from lowbit.models.arch import arch_table
 from lowbit.models.attention import KV_ATTR
 from lowbit.formats.storage import FLOAT_SCALES
 from lowbit.kernels.quant_linear import QuantLinear
@@ -73,8 +74,7 @@ def kv_cache(model: PreTrainedModel) -> tuple[ActScheme, int] | None:
     schemes.discard(None)
     if not schemes:
         return None
-    config = model.config
-    return schemes.pop(), getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return schemes.pop(), arch_table(model.config.model_type).geometry(model.config.to_dict()).head_dim
 
 
 def report_dict(recipe: Recipe, layers: list[LayerResult], model_dir: Path, calib: dict[str, Any]) -> dict[str, Any]:

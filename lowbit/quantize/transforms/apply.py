@@ -73,8 +73,3 @@ def stage_hook(
         if TRANSFORMS[s.name].level == BLOCK:
             return TRANSFORMS[s.name].fn(block, table, geometry, **_options(s))
     return None
-
-
-def online(specs: tuple[TransformSpec, ...]) -> list[str]:
-    """Names of the transforms of ``specs`` that leave modules running at inference."""
-    return [s.name for s in specs if TRANSFORMS[s.name].online]

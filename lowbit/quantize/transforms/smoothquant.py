@@ -38,6 +38,14 @@ def migration_scales(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> 
     return torch.where((x_max > 0) & (w_max > 0), s, torch.ones_like(s))
 
 
+def _divide_rows(linear: nn.Module, s: torch.Tensor) -> None:
+    """Output channel ``j`` of ``linear`` (weight row and bias) divided by ``s_j``, rounded once from float64."""
+    with torch.no_grad():
+        linear.weight.data.copy_((linear.weight.data.double() / s[:, None]).to(linear.weight.dtype))
+        if linear.bias is not None:
+            linear.bias.data.copy_((linear.bias.data.double() / s).to(linear.bias.dtype))
+
+
 def _scale_columns(linear: nn.Module, s: torch.Tensor) -> None:
     with torch.no_grad():
         linear.weight.data.copy_((linear.weight.data.double() * s).to(linear.weight.dtype))
@@ -77,10 +85,7 @@ def _smooth_up_down(block: nn.Module, table: ArchTable, xs: list[torch.Tensor], 
     down_in = _absmax([input_of_linear(block, mlp, table.down, x, {}) for x in xs])
     down, up = get_module(block, table.down), get_module(block, table.up)
     s = migration_scales(down_in, down.weight.detach().abs().amax(0).double(), alpha)
-    with torch.no_grad():
-        up.weight.data.copy_((up.weight.data.double() / s[:, None]).to(up.weight.dtype))
-        if up.bias is not None:
-            up.bias.data.copy_((up.bias.data.double() / s).to(up.bias.dtype))
+    _divide_rows(up, s)
     _scale_columns(down, s)
 
 
@@ -97,9 +102,5 @@ def _smooth_value_out(
     # o_proj's input channel (query head h, j) carries value channel (KV head h // g, j): one scale per value channel
     per_kv = lambda t: t.reshape(geometry.kv_heads, g, d).amax(1).reshape(-1)  # noqa: E731
     s = migration_scales(per_kv(o_in), per_kv(w_max), alpha)
-    v = get_module(block, table.value)
-    with torch.no_grad():
-        v.weight.data.copy_((v.weight.data.double() / s[:, None]).to(v.weight.dtype))
-        if v.bias is not None:
-            v.bias.data.copy_((v.bias.data.double() / s).to(v.bias.dtype))
+    _divide_rows(get_module(block, table.value), s)
     _scale_columns(o, s.reshape(geometry.kv_heads, 1, d).expand(-1, g, -1).reshape(-1))
