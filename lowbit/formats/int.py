@@ -20,6 +20,8 @@ Conventions (those of compressed-tensors, so checkpoints load there as they are)
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from lowbit.formats.parallel import WORKERS, worker_pool
@@ -116,6 +118,21 @@ def fake_quantize(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtyp
     """Round ``w [out, in]`` to the grid (scales in ``scale_dtype``) and back, in ``w``'s dtype (RTN simulation)."""
     scale, zero = compute_qparams(w, scheme, scale_dtype)
     return dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, w.dtype)
+
+
+def fake_quantize_ste(
+    w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype = torch.float32, clip: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """:func:`fake_quantize` for training: the same values (``clip`` as in :func:`compute_qparams`), with the
+    rounding straight-through (:func:`round_ste`) and the scale differentiable in ``w`` and ``clip``; float32
+    ``[out, in]``. Plain int grids only (``scheme.is_plain_int``)."""
+    scale, zero = compute_qparams(w, scheme, scale_dtype, clip)
+    s = expand_groups(scale, w.shape[1])
+    q = round_ste(w.float() / s)
+    if zero is None:
+        return q.clamp(scheme.qmin, scheme.qmax) * s
+    z = expand_groups(zero, w.shape[1]).float()
+    return ((q + z).clamp(scheme.qmin, scheme.qmax) - z) * s
 
 
 def abs_power_(e: torch.Tensor, norm: float) -> torch.Tensor:
@@ -267,6 +284,22 @@ def quantize_activation(
         codes: int8 ``[..., K]``; scale: float32 ``[..., G]`` (``G = K / group_size``, 1 per token);
         zero_point: float32 ``[..., G]`` (integer values in ``[qmin, qmax]``) or None when symmetric.
     """
+    q, scale, zero = _activation_grid(x, bits, group_size, symmetric, clip_ratio, torch.round)
+    return q.to(torch.int8).flatten(-2), scale, zero
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``torch.round(x)`` (half to even) in the forward pass, the identity in the backward pass (straight-through)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _activation_grid(
+    x: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, clip_ratio: float,
+    rnd: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The arithmetic of :func:`quantize_activation` with rounding ``rnd`` for the codes: float32 code values
+    ``[..., G, g]``, scale ``[..., G]``, zero point ``[..., G]`` or None. Differentiable where ``rnd`` is (the
+    scale follows the range, so a gradient reaches the outliers that set it)."""
     if not 2 <= bits <= 8:
         raise ValueError(f"activation bits must be in 2..8, got {bits}")
     if not 0.0 < clip_ratio <= 1.0:
@@ -282,16 +315,14 @@ def quantize_activation(
         if clip_ratio != 1.0:
             absmax = absmax * clip_ratio
         scale = (absmax / torch.full_like(absmax, ((1 << bits) - 1) / 2)).clamp_min(SCALE_EPS)
-        q = torch.round(xg / scale[..., None]).clamp(qmin, qmax)
-        return q.to(torch.int8).flatten(-2), scale, None
+        return rnd(xg / scale[..., None]).clamp(qmin, qmax), scale, None
     xmin = xg.amin(dim=-1).clamp_max(0.0)
     xmax = xg.amax(dim=-1).clamp_min(0.0)
     if clip_ratio != 1.0:
         xmin, xmax = xmin * clip_ratio, xmax * clip_ratio
     scale = ((xmax - xmin) / torch.full_like(xmax, (1 << bits) - 1)).clamp_min(SCALE_EPS)
-    zero = torch.round((qmin - xmin / scale).clamp(qmin, qmax))
-    q = torch.round((xg / scale[..., None] + zero[..., None]).clamp(qmin, qmax))
-    return q.to(torch.int8).flatten(-2), scale, zero
+    zero = torch.round((qmin - xmin / scale).clamp(qmin, qmax)).detach()
+    return rnd((xg / scale[..., None] + zero[..., None]).clamp(qmin, qmax)), scale, zero
 
 
 def dequantize_activation(
@@ -312,10 +343,20 @@ def fake_quantize_activation_int(
     group_size: int | None = None,
     symmetric: bool = True,
     clip_ratio: float = 1.0,
+    ste: bool = False,
 ) -> torch.Tensor:
-    """``x [..., K]`` through :func:`quantize_activation` and back, in ``x``'s dtype (the GEMM's input)."""
-    q, s, z = quantize_activation(x, bits, group_size, symmetric, clip_ratio)
-    return dequantize_activation(q, s, z, x.dtype)
+    """``x [..., K]`` through :func:`quantize_activation` and back, in ``x``'s dtype (the GEMM's input).
+
+    ``ste``: round with :func:`round_ste`, so that training through it gets gradients (straight-through for the
+    rounding, exact for the scale); the values are the same bit for bit.
+    """
+    if not ste:
+        q, s, z = quantize_activation(x, bits, group_size, symmetric, clip_ratio)
+        return dequantize_activation(q, s, z, x.dtype)
+    qg, s, z = _activation_grid(x, bits, group_size, symmetric, clip_ratio, round_ste)  # [..., G, g]
+    if z is not None:
+        qg = qg - z[..., None]
+    return (qg * s[..., None]).flatten(-2).to(x.dtype)
 
 
 def quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,19 +29,23 @@ from lowbit.kernels.online import OnlineHadamard, input_transform
 __all__ = ["QuantLinear", "storage_format", "PACKED", "INT", "fake_quantize_activation"]
 
 
-def fake_quantize_activation(x: torch.Tensor, act: ActScheme) -> torch.Tensor:
+def fake_quantize_activation(x: torch.Tensor, act: ActScheme, ste: bool = False) -> torch.Tensor:
     """``x [..., K]`` quantized dynamically along its last dimension and dequantized, in ``x.dtype``: exactly the
     GEMM's input. Any leading shape (``[b, L, K]``, a KV cache's ``[b, heads, L, head_dim]``...).
 
     INT4/INT8, per token or per group, symmetric or asymmetric, clipped: compressed-tensors' conventions
     (formats/int.py ``quantize_activation``; symmetric INT8 is ``absmax / 127.5``); FP8: per token,
     ``s = absmax / 448``, ``q = e4m3(x / s)`` (round to nearest even, saturating).
+
+    ``ste``: the same values with a straight-through gradient, for training transforms through the quantizer
+    (INT: through the rounding only; FP8: through the whole quantizer).
     """
     if act.format == "int":
         act.check_features(x.shape[-1], "activations")
-        return fake_quantize_activation_int(x, act.bits, act.group_size, act.symmetric, act.clip_ratio)
-    q, s = quantize_activation_per_token_fp8(x)
-    return (q.float() * s).to(x.dtype)
+        return fake_quantize_activation_int(x, act.bits, act.group_size, act.symmetric, act.clip_ratio, ste)
+    q, s = quantize_activation_per_token_fp8(x.detach() if ste else x)
+    y = (q.float() * s).to(x.dtype)
+    return x + (y - x).detach() if ste else y
 
 
 class QuantLinear(nn.Module):

@@ -24,6 +24,7 @@ from lowbit.kernels.quant_linear import fake_quantize_activation
 
 ATTENTION = "lowbit"
 KV_ATTR = "kv_cache_scheme"  # attribute of an attention module: its ActScheme for K and V, or absent/None
+KV_STE_ATTR = "kv_cache_ste"  # attribute set True while a transform trains through the KV quantizer (straight-through)
 
 
 def lowbit_attention(
@@ -38,7 +39,8 @@ def lowbit_attention(
         key = k_t[1](key)
     kv: ActScheme | None = getattr(module, KV_ATTR, None)
     if kv is not None:
-        key, value = fake_quantize_activation(key, kv), fake_quantize_activation(value, kv)
+        ste = bool(getattr(module, KV_STE_ATTR, False))
+        key, value = fake_quantize_activation(key, kv, ste), fake_quantize_activation(value, kv, ste)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
