@@ -178,10 +178,17 @@ def _walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised Sylvester transform along the last dim: ``[rows, p]`` -> ``x @ H_p``, ``p`` a power of two.
 
     One butterfly stage per bit: ``log2(p)`` passes of ``O(rows * p)``, ping-ponging between two buffers (no
-    allocation per stage). ``H_p`` is symmetric, so this is also ``x @ H_p.T``.
+    allocation per stage). ``H_p`` is symmetric, so this is also ``x @ H_p.T``. Differentiable: a tensor that
+    requires grad takes out-of-place stages instead.
     """
     rows, p = x.shape
     x = x.contiguous()
+    if x.requires_grad and torch.is_grad_enabled():  # training through it: out= ops do not record a graph
+        h = p // 2
+        while h >= 1:
+            y = x.view(rows, p // (2 * h), 2, h)
+            x, h = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2).view(rows, p), h // 2
+        return x
     buffers: list[torch.Tensor] = []  # two new buffers, used in turn: the caller's x is never written
     h, stage = p // 2, 0
     while h >= 1:

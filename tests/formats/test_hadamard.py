@@ -227,3 +227,16 @@ def test_block_hadamard_matches_block_diagonal(block: int, signs_len: int, trans
     out = block_hadamard(x, block, signs, transpose)
     assert out.shape == x.shape and out.dtype == x.dtype
     torch.testing.assert_close(out, (x.to(torch.float64) @ dense).to(torch.float32), atol=2e-5, rtol=1e-5)
+
+
+def test_block_hadamard_is_differentiable() -> None:
+    """Training through an online rotation (OSTQuant simulates R4): the gradient is ``g H^T``, the values unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 1536, dtype=torch.float64, requires_grad=True)
+    signs = random_signs(1536, 1)
+    y = block_hadamard(x, 1536, signs)
+    assert torch.allclose(y, block_hadamard(x.detach(), 1536, signs), atol=1e-12)
+    g = torch.randn(3, 1536, dtype=torch.float64)
+    (y * g).sum().backward()
+    M = signs.double()[:, None] * hadamard_matrix(1536, torch.float64)
+    assert torch.allclose(x.grad, g @ M.T, atol=1e-10)
