@@ -6,6 +6,7 @@ branch on the model class. A table is looked up by the Hugging Face ``config.mod
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,12 @@ class ArchTable:
             rotation R2 and SmoothQuant's v->o scaling act on v's output rows and o's input columns.
         down, up: the MLP's down projection (whose input takes the online rotation R4) and the up projection
             (linear in the down projection's input: ``down(act(gate(x)) * up(x))``).
+        query, key: the attention's query and key projections (OSTQuant's q -> k scaling acts on their rows).
+        rope_pairs: which channels of a head RoPE rotates together: "half" (``i`` with ``i + head_dim/2``, the HF
+            ``rotate_half`` layout), "interleaved" (``2i`` with ``2i + 1``) or "none". A q -> k scaling equal on
+            both channels of every pair commutes with RoPE, so it is exact.
+        qk_norm: the attention normalises q and k per head after projecting (Qwen3): a q -> k scaling would be
+            undone by that norm, so none is learned.
         heads, kv_heads, head_dim: config keys of the head geometry (``head_dim`` falls back to
             ``hidden / heads`` when the config has none).
         hidden, intermediate: config keys of the residual width and the MLP width.
@@ -76,6 +83,10 @@ class ArchTable:
     out: str = "self_attn.o_proj"
     down: str = "mlp.down_proj"
     up: str = "mlp.up_proj"
+    query: str = "self_attn.q_proj"
+    key: str = "self_attn.k_proj"
+    rope_pairs: str = "half"
+    qk_norm: bool = False
     heads: str = "num_attention_heads"
     kv_heads: str = "num_key_value_heads"
     head_dim: str = "head_dim"
@@ -119,7 +130,7 @@ LLAMA = ArchTable()
 ARCH_TABLES: dict[str, ArchTable] = {
     "llama": LLAMA,
     "qwen2": LLAMA,
-    "qwen3": LLAMA,
+    "qwen3": dataclasses.replace(LLAMA, qk_norm=True),
     "mistral": LLAMA,
 }
 

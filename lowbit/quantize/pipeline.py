@@ -49,7 +49,10 @@ from lowbit.quantize.output import write_output
 from lowbit.quantize.recipe import Recipe, load_recipe
 from lowbit.quantize.results import LayerResult, QuantizeResult
 from lowbit.quantize.rounding import RoundResult, round_together
-from lowbit.quantize.transforms.apply import apply_model_transforms, check_model, stage_hook
+from lowbit.quantize.transforms.apply import (
+    apply_model_transforms, block_trained, check_model, float_block_outputs, stage_hook, train_block,
+)
+from lowbit.quantize.transforms.base import TrainContext
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -340,14 +343,17 @@ def quantize_model(
     timings["load"] = time.perf_counter() - t0
     precision = recipe.precision(next(fmodel.parameters()).dtype)
     t1 = time.perf_counter()
-    if geometry is not None:
-        apply_model_transforms(fmodel, table, geometry, recipe.transforms)
-    if recipe.kv_cache is not None:
+    base = model_scheme(fmodel, table, recipe)
+    trained: dict[str, object] = {}
+    ctx = TrainContext(texts, tokenizer, base, recipe.activations, recipe.kv_cache, (), device, seed, progress)
+    if recipe.kv_cache is not None:  # first: a trained transform simulates the KV quantizer
         install_attention(fmodel, [m for _, m in attention_modules(fmodel, table.blocks, table.attention)], recipe.kv_cache)
+    if geometry is not None:
+        trained = apply_model_transforms(fmodel, table, geometry, recipe.transforms, ctx)
+        torch.manual_seed(seed)  # what follows draws the same numbers with or without training before it
     timings["transform"] = time.perf_counter() - t1
     size_before = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
-    base = model_scheme(fmodel, table, recipe)
     if progress and recipe.method == "gptq" and device == "cpu" and native.enabled() and not gptq_columns.available(precision.dtype):
         tqdm.write("note: GPTQ's C column loop could not be built (no C compiler: install gcc or set CC; or see "
                    "lowbit.native.BUILD_ERRORS): it runs in torch, the same results more slowly", file=sys.stderr)
@@ -361,9 +367,17 @@ def quantize_model(
     inputs = capture_block_inputs(fmodel, table, windows, batch_size, device)
     blocks = get_module(fmodel, table.blocks)
     layers: list[LayerResult] = []
+    learner = block_trained(recipe.transforms)
+    fp_stream = list(inputs.hidden) if learner is not None else None  # the float model's block inputs (targets)
+    block_reports: list[dict[str, object]] = []
     bar = tqdm(range(len(blocks)), desc=f"quantize {recipe.name}", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i].to(device)
+        if learner is not None and fp_stream is not None and geometry is not None:
+            t2 = time.perf_counter()
+            fp_stream = float_block_outputs(block, fp_stream, inputs.kwargs)
+            block_reports.append(train_block(block, table, geometry, learner, inputs, fp_stream, ctx))
+            timings["transform"] += time.perf_counter() - t2
         outputs, results = quantize_block(
             block, f"{table.blocks}.{i}", inputs, table, recipe, precision, base, allocated, timings, geometry
         )
@@ -375,7 +389,11 @@ def quantize_model(
     timings["blocks"] = time.perf_counter() - t1
 
     calib_info = {"source": str(calib) if calib else "default", "samples": samples, "seqlen": calib_seqlen, "seed": seed}
-    extra = {} if rates is None else {"baq_closed_form_rates": rates}
+    extra: dict[str, object] = {} if rates is None else {"baq_closed_form_rates": rates}
+    if block_reports:
+        trained[learner.name] = block_reports  # type: ignore[union-attr]
+    if trained:
+        extra["trained_transforms"] = trained
     t1 = time.perf_counter()
     size_after = write_output(fmodel, tokenizer, out, recipe, layers, model_dir, calib_info, overwrite, extra)
     timings["write"] = time.perf_counter() - t1

@@ -110,6 +110,8 @@ GPTQ_BEST = RoundingOptions(order="gar", static_groups=False, mse_clip=True, cli
 
 # Rotations fused into the weights: the checkpoint stays a plain compressed-tensors one (ALGORITHMS.md 12.1).
 ROT_FUSED = (TransformSpec("fold_norms"), TransformSpec("r1"), TransformSpec("r2"))
+# OSTQuant's learned transforms, fused (transforms/ost.py): the norm gains must be folded first.
+OST_FUSED = (TransformSpec("fold_norms"), TransformSpec("ost"))
 INT8_CHANNEL = WeightScheme(bits=8, strategy="channel", group_size=None, symmetric=True)
 # QuaRot's W4A4KV4 clipping: 0.9 on the activations, 0.95 on K and V (ALGORITHMS.md 12.1, item 6).
 A4_TOKEN = ActScheme(bits=4, symmetric=False, clip_ratio=0.9)
@@ -169,6 +171,20 @@ PRESETS: dict[str, Recipe] = {
                transforms=ROT_FUSED + (TransformSpec("r3"), TransformSpec("r4"))),
         Recipe("w4a4kv4", "w4a4kv4-rot without the rotations (the baseline they improve on)",
                INT4_G128, A4_TOKEN, method=GPTQ, rounding=GPTQ_BEST, kv_cache=KV4),
+        Recipe("w4a16-ost", "OSTQuant: R1, per-KV-head R2 and diagonal scalings learned with KL-Top through INT4 weight "
+               "fake-quant (straight-through), fused into the weights; then w4a16 (GPTQ); a plain compressed-tensors "
+               "checkpoint", INT4_G128, method=GPTQ, rounding=GPTQ_BEST, transforms=OST_FUSED),
+        Recipe("w4a8-ost", "OSTQuant's learned transforms (trained through INT4 weights and INT8 activations) fused, R4 "
+               "online; INT4 group-128 weights (GPTQ), INT8 dynamic per-token activations", INT4_G128, ActScheme(),
+               method=GPTQ, rounding=GPTQ_BEST, transforms=OST_FUSED + (TransformSpec("r4"),)),
+        Recipe("w4a4kv4-ost", "OSTQuant's learned transforms (trained through INT4 activations and KV cache, float "
+               "weights) fused, R3 and R4 online, then GPTQ; INT4 weights, activations and KV cache as w4a4kv4-rot",
+               INT4_G128, A4_TOKEN, method=GPTQ, rounding=GPTQ_BEST, kv_cache=KV4,
+               transforms=(TransformSpec("fold_norms"), TransformSpec("r3"), TransformSpec("ost"), TransformSpec("r4"))),
+        Recipe("w4a16-affine", "AffineQuant: per block, norm-side scales and per-KV-head v->o matrices (diagonally "
+               "dominant) with learned clipping, trained to match the float block through INT4 weight fake-quant, "
+               "folded; then w4a16 (GPTQ); a plain compressed-tensors checkpoint", INT4_G128, method=GPTQ,
+               rounding=GPTQ_BEST, transforms=(TransformSpec("affine"),)),
         Recipe("w4a8-fp8", "FireQ: INT4 symmetric group-128 weights with E4M3 group scales and a power-of-two tensor "
                "scale, GPTQ; FP8 E4M3 dynamic per-token activations",
                WeightScheme("int", 4, "group", 128, scale_format="e4m3"), ActScheme(format="float"),

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from lowbit.quantize.transforms import rotations, smoothquant  # noqa: F401  (imported for their registration)
-from lowbit.quantize.transforms.base import BLOCK, MODEL, TRANSFORMS, Transform
+# imported for their registration, in the order `quantize recipes` lists them
+from lowbit.quantize.transforms import rotations, smoothquant  # noqa: F401, I001
+from lowbit.quantize.transforms import ost_train, affine  # noqa: F401, I001
+from lowbit.quantize.transforms.base import BLOCK, BLOCK_TRAINED, MODEL, TRAINED, TRANSFORMS, Transform
 
-__all__ = ["TRANSFORMS", "Transform", "MODEL", "BLOCK"]
+__all__ = ["TRANSFORMS", "Transform", "MODEL", "BLOCK", "TRAINED", "BLOCK_TRAINED"]

@@ -3,6 +3,7 @@ transforms after loading, and the block-level ones through the staged runner's h
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -13,7 +14,10 @@ from lowbit.calibrate.staged import StageHook
 from lowbit.errors import LowbitError
 from lowbit.formats.scheme import ActScheme
 from lowbit.models.arch import ArchTable, Geometry
-from lowbit.quantize.transforms import BLOCK, MODEL, TRANSFORMS
+from lowbit.calibrate.runner import BlockInputs, run_block
+from lowbit.models.attention import KV_ATTR
+from lowbit.quantize.transforms import BLOCK, BLOCK_TRAINED, MODEL, TRAINED, TRANSFORMS
+from lowbit.quantize.transforms.base import TrainContext
 from lowbit.quantize.transforms.rotations import check_sizes
 from lowbit.quantize.transforms.spec import TransformSpec
 
@@ -29,8 +33,10 @@ def check_recipe(specs: tuple[TransformSpec, ...], activations: ActScheme | None
         if missing:
             raise LowbitError(f"transform {spec.name!r} needs {', '.join(missing)} listed before it")
         seen.append(spec.name)
-    if sum(TRANSFORMS[n].level == BLOCK for n in seen) > 1:
+    if sum(TRANSFORMS[n].level in (BLOCK, BLOCK_TRAINED) for n in seen) > 1:
         raise LowbitError("a recipe takes one block-level (data-dependent) transform")
+    if "ost" in seen and ("r1" in seen or "r2" in seen):
+        raise LowbitError("transform 'ost' learns R1 and R2 itself (from Hadamard or WOMI starts): drop r1/r2")
     if "r3" in seen and kv_cache is None:
         raise LowbitError("transform 'r3' rotates Q and K for a quantized KV cache: set kv_cache, or drop r3 (it changes "
                           "nothing without one)")
@@ -53,15 +59,26 @@ def _options(spec: TransformSpec) -> dict[str, Any]:
     return {o: getattr(spec, o) for o in TRANSFORMS[spec.name].options}
 
 
-@torch.no_grad()
 def apply_model_transforms(
-    model: PreTrainedModel, table: ArchTable, geometry: Geometry, specs: tuple[TransformSpec, ...]
-) -> None:
-    """Apply the model-level transforms of ``specs`` to the float ``model`` in place, in order."""
-    for spec in specs:
+    model: PreTrainedModel, table: ArchTable, geometry: Geometry, specs: tuple[TransformSpec, ...],
+    ctx: TrainContext | None = None,
+) -> dict[str, Any]:
+    """Apply the model-level and trained transforms of ``specs`` to the float ``model`` in place, in order.
+
+    ``ctx`` (the run's data and quantizers) is needed by trained transforms; returns their reports by name.
+    """
+    reports: dict[str, Any] = {}
+    for k, spec in enumerate(specs):
         entry = TRANSFORMS[spec.name]
         if entry.level == MODEL:
-            entry.fn(model, table, geometry, **_options(spec))
+            with torch.no_grad():
+                entry.fn(model, table, geometry, **_options(spec))
+        elif entry.level == TRAINED:
+            if ctx is None:
+                raise LowbitError(f"transform {spec.name!r} trains on calibration data: it runs inside quantize model")
+            later = dataclasses.replace(ctx, later=specs[k + 1 :])
+            reports[spec.name] = entry.fn(model, table, geometry, later, **_options(spec))
+    return reports
 
 
 def stage_hook(
@@ -73,3 +90,29 @@ def stage_hook(
         if TRANSFORMS[s.name].level == BLOCK:
             return TRANSFORMS[s.name].fn(block, table, geometry, **_options(s))
     return None
+
+
+def block_trained(specs: tuple[TransformSpec, ...]) -> TransformSpec | None:
+    """The recipe's block-trained transform (AffineQuant), if it has one."""
+    return next((s for s in specs if TRANSFORMS[s.name].level == BLOCK_TRAINED), None)
+
+
+def float_block_outputs(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """The float ``block`` (KV cache not quantized) on the float stream ``hidden``: a block-trained transform's targets."""
+    attn = [m for m in block.modules() if hasattr(m, KV_ATTR)]
+    kv = [getattr(m, KV_ATTR) for m in attn]
+    try:
+        for m in attn:
+            setattr(m, KV_ATTR, None)
+        return run_block(block, BlockInputs(hidden, kwargs))
+    finally:
+        for m, scheme in zip(attn, kv):
+            setattr(m, KV_ATTR, scheme)
+
+
+def train_block(
+    block: nn.Module, table: ArchTable, geometry: Geometry, spec: TransformSpec, inputs: BlockInputs,
+    fp_out: list[torch.Tensor], ctx: TrainContext,
+) -> dict[str, Any]:
+    """Run the block-trained transform ``spec`` on ``block`` before it is rounded; its report."""
+    return TRANSFORMS[spec.name].fn(block, table, geometry, inputs, fp_out, ctx, **_options(spec))

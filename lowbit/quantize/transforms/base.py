@@ -4,7 +4,12 @@ A model-level transform is ``fn(model, table, geometry, **options) -> None``: it
 place (fusing into weights, adding online modules) and must leave its outputs unchanged up to rounding. A
 block-level transform is ``fn(block, table, geometry, **options) -> StageHook``: the staged runner calls the hook
 with each norm output before it is consumed (calibrate/staged.py), and the hook folds what it measures into the
-block. Import the full registry from ``lowbit.quantize.transforms``, which imports every transform module.
+block. A trained transform (OSTQuant) is ``fn(model, table, geometry, ctx, **options) -> None``: a model-level
+transform that first learns from calibration data, given in a :class:`TrainContext`. A block-trained transform
+(AffineQuant) is ``fn(block, table, geometry, inputs, fp_out, ctx, **options) -> dict``: before a block is rounded it
+learns from the block's quantized-stream inputs (calibrate/runner.py ``BlockInputs``) and the float block's outputs
+on the float stream ``fp_out``, folds what it learned into the block, and returns a report. Import the full registry
+from ``lowbit.quantize.transforms``, which imports every transform module.
 """
 
 from __future__ import annotations
@@ -12,7 +17,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-MODEL, BLOCK = "model", "block"
+MODEL, BLOCK, TRAINED, BLOCK_TRAINED = "model", "block", "trained", "block-trained"
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What a trained (data-dependent, model-level) transform gets beyond the model: the run's data and quantizers.
+
+    Attributes:
+        texts: the calibration texts (calibrate/sources.py), to cut training windows from.
+        tokenizer: the model's tokenizer.
+        weights: the recipe's weight scheme (group size resolved for the model); activations, kv_cache: its
+            activation and KV-cache schemes or None.
+        later: the transforms the recipe lists after this one (a trained transform simulates the online ones).
+        device: where to train ("cpu" or "cuda"); seed: the run's seed; progress: show a progress bar.
+    """
+
+    texts: Any
+    tokenizer: Any
+    weights: Any
+    activations: Any
+    kv_cache: Any
+    later: tuple[Any, ...]
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -21,7 +50,7 @@ class Transform:
 
     Attributes:
         name: the key a recipe uses.
-        level: MODEL or BLOCK (see the module docstring).
+        level: MODEL, BLOCK, TRAINED or BLOCK_TRAINED (see the module docstring).
         fn: the function that applies it.
         options: the TransformSpec fields it reads, passed to ``fn`` as keyword arguments.
         online: whether it leaves a module that runs at inference (written in ``transform_config``).

@@ -19,7 +19,22 @@ class TransformSpec:
         seed: rotations: the seed of the random signs.
         block: r4: a block-diagonal Hadamard of this order on the down_proj input (a power of two such as 64 keeps
             vLLM on its fast kernel) instead of one of the full intermediate width.
-        alpha: smoothquant: migration strength, ``s = max|X|^alpha / max|W|^(1 - alpha)``.
+        alpha: smoothquant: migration strength, ``s = max|X|^alpha / max|W|^(1 - alpha)``; affine: the same exponent
+            for the initial norm-side scales.
+
+    The training options below default to None: the transform's default for the device it runs on
+    (transforms/ost_train.py, transforms/affine.py).
+
+        steps, batch, seqlen: ost: optimizer steps, windows per step, tokens per window; affine: batch only.
+        lr: ost: the rotations' learning rate (Riemannian Adam); affine: the transforms' (AdamW).
+        scale_lr: ost: the scales' learning rate (Adam).
+        loss: ost: "kl-top" (default), "kl" or "ce".
+        topk: ost: the k of KL-Top.
+        init: ost: "hadamard" (random Hadamard) or "womi" (principal axes of the readers' weights times a Hadamard).
+        retraction: ost: "cayley" or "qr".
+        epochs: affine: passes over the calibration windows per block.
+        stability: affine: the gradual mask's off-diagonal factor (sf).
+        samples: affine: how many of the calibration windows each block trains on.
     """
 
     name: str
@@ -27,6 +42,18 @@ class TransformSpec:
     seed: int = 0
     block: int | None = None
     alpha: float = 0.5
+    steps: int | None = None
+    batch: int | None = None
+    seqlen: int | None = None
+    lr: float | None = None
+    scale_lr: float | None = None
+    loss: str | None = None
+    topk: int | None = None
+    init: str | None = None
+    retraction: str | None = None
+    epochs: int | None = None
+    stability: float | None = None
+    samples: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name": ..., <the options this transform reads>...}`` (what a recipe file says)."""

@@ -1,0 +1,250 @@
+"""Training OSTQuant's transforms through the whole model (ALGORITHMS.md 2.3, 2.4), then fusing them.
+
+Each step takes a batch of calibration windows and runs them twice from the captured embedding outputs:
+
+* the teacher: the model as it is (float, no quantizer), no grad;
+* the student: the residual stream rotated by R1, each block with the weights of ``OstParams.block_weights``
+  (``torch.func.functional_call``: the model's modules are not edited while training) and the recipe's quantizers
+  simulated with straight-through rounding (formats/int.py): the weights (weight-only and 8-bit-activation
+  recipes, clipped RTN), each linear's input, and the KV cache (models/attention.py). An online R4 that the recipe
+  lists after ``ost`` is simulated on down_proj's input, so the activations are trained in the basis they will be
+  quantized in.
+
+The loss (KL-Top by default) runs over the output head a slice at a time (transforms/distill.py); every block is
+checkpointed (only its input is kept; its inside is recomputed in the backward pass), so the memory held is one
+block's activations plus ``n_layers`` block inputs. Rotations take Riemannian Adam steps (transforms/stiefel.py),
+scales Adam steps, both with a cosine decay. Ctrl-C stops the run: nothing has been written yet (the pipeline
+writes its output only at the end, through a staging directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from lowbit.calibrate.runner import capture_block_inputs
+from lowbit.calibrate.windows import calibration_windows
+from lowbit.errors import LowbitError
+from lowbit.formats.hadamard import block_hadamard, random_signs
+from lowbit.formats.int import fake_quantize_ste
+from lowbit.formats.scheme import ActScheme, WeightScheme
+from lowbit.kernels.quant_linear import fake_quantize_activation
+from lowbit.models.arch import ArchTable, Geometry
+from lowbit.models.attention import KV_ATTR, KV_STE_ATTR, attention_modules
+from lowbit.models.loading import get_module, set_module
+from lowbit.quantize.transforms.base import TRAINED, TrainContext, register
+from lowbit.quantize.transforms.distill import LOSSES, head_loss_backward
+from lowbit.quantize.transforms.ost import INITS, OstParams
+from lowbit.quantize.transforms.stiefel import RETRACTIONS, StiefelAdam, cosine_lr, orthogonality_error
+
+# What a run on 2 CPU cores can afford (SmolLM2-135M: about X s a step; BENCHMARKS.md), and the paper's setting for
+# a GPU (ALGORITHMS.md 2.4: 100 steps of 2048-token windows; the released runs use 4 x 8 devices, one GPU here takes 8).
+CPU_DEFAULTS = {"steps": 32, "batch": 2, "seqlen": 512}
+CUDA_DEFAULTS = {"steps": 100, "batch": 8, "seqlen": 2048}
+# The released code's learning rates (ALGORITHMS.md 2, corrections): rotations 0.0169 (Riemannian Adam), scales 0.00179.
+COMMON_DEFAULTS = {"lr": 0.0169, "scale_lr": 0.00179, "loss": "kl-top", "topk": 1000, "init": "hadamard",
+                   "retraction": "cayley"}
+
+
+@dataclass(frozen=True)
+class OstSettings:
+    """One training run's settings, every value resolved (recipe option, else the device's default)."""
+
+    steps: int
+    batch: int
+    seqlen: int
+    lr: float
+    scale_lr: float
+    loss: str
+    topk: int
+    init: str
+    retraction: str
+    seed: int = 0
+
+    @classmethod
+    def resolve(cls, device: str, **given: Any) -> "OstSettings":
+        """Fill the options left None from the defaults of ``device`` ("cpu" or "cuda..."), and check them."""
+        defaults = {**COMMON_DEFAULTS, **(CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS)}
+        values = {k: (defaults[k] if given.get(k) is None else given[k]) for k in defaults}
+        s = cls(seed=int(given.get("seed") or 0), **values)
+        for name in ("steps", "batch", "seqlen", "topk"):
+            if getattr(s, name) < (2 if name == "seqlen" else 1):
+                raise LowbitError(f"ost: {name} must be a positive integer, got {getattr(s, name)}")
+        if s.lr <= 0 or s.scale_lr < 0:
+            raise LowbitError(f"ost: learning rates must be positive, got lr={s.lr}, scale_lr={s.scale_lr}")
+        for name, allowed in (("loss", LOSSES), ("init", INITS), ("retraction", RETRACTIONS)):
+            if getattr(s, name) not in allowed:
+                raise LowbitError(f"ost: {name} must be one of {', '.join(allowed)}, got {getattr(s, name)!r}")
+        return s
+
+
+class _Switch:
+    """Whether the student's quantizers are on (shared by every StudentLinear of one run)."""
+
+    on = False
+
+
+class StudentLinear(nn.Module):
+    """A float linear as the student runs it: simulated R4, activation fake-quant, weight fake-quant, matmul.
+
+    Holds the wrapped linear's own ``weight`` and ``bias`` parameters under the same names, so
+    ``functional_call`` can substitute the transformed ones. With the switch off it is the plain linear.
+    """
+
+    def __init__(self, linear: nn.Linear, switch: _Switch, weights: WeightScheme | None, act: ActScheme | None,
+                 r4: tuple[int, torch.Tensor | None] | None) -> None:
+        super().__init__()
+        self.original = [linear]  # a list, so the module is not registered as a child (its parameters are ours)
+        self.weight, self.bias = linear.weight, linear.bias
+        self.switch, self.weights, self.act, self.r4 = switch, weights, act, r4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in] -> [..., out]``."""
+        w = self.weight
+        if self.switch.on:
+            if self.r4 is not None:  # x H and W H: the product is unchanged, the quantizers see the rotated basis
+                x, w = block_hadamard(x, *self.r4), block_hadamard(w, *self.r4)
+            if self.act is not None:
+                x = fake_quantize_activation(x, self.act, ste=True)
+            if self.weights is not None:
+                w = fake_quantize_ste(w, self.weights.for_layer(w.shape[1])).to(w.dtype)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+@dataclass
+class OstReport:
+    """What training did: settings, loss per step, seconds, and the orthogonality of the learned rotations."""
+
+    settings: OstSettings
+    losses: list[float]
+    seconds: float
+    orthogonality: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": dataclasses.asdict(self.settings), "losses": self.losses, "seconds": self.seconds,
+                "orthogonality_error": self.orthogonality}
+
+
+def _later_r4(ctx: TrainContext, geometry: Geometry) -> tuple[int, torch.Tensor | None] | None:
+    """(block, signs) of an r4 the recipe lists after ost, or None."""
+    for spec in ctx.later:
+        if spec.name == "r4":
+            block = spec.block or geometry.intermediate
+            return block, (random_signs(block, spec.seed) if spec.random else None)
+    return None
+
+
+def _quantizers(ctx: TrainContext) -> tuple[WeightScheme | None, ActScheme | None]:
+    """Which quantizers the student simulates: activations whenever the recipe quantizes them; weights when the
+    activations are absent or 8-bit (with 4-bit activations OSTQuant trains on activations only, then GPTQ)."""
+    act: ActScheme | None = ctx.activations
+    train_weights = act is None or act.bits >= 8
+    weights = ctx.weights if train_weights and ctx.weights.is_plain_int else None
+    return weights, act
+
+
+def train_ost(model: nn.Module, table: ArchTable, geometry: Geometry, ctx: TrainContext, s: OstSettings) -> OstReport:
+    """Learn OSTQuant's transforms on ``model`` (norm gains folded, lm_head untied) and fuse them into it."""
+    t0 = time.perf_counter()
+    blocks = get_module(model, table.blocks)
+    params = OstParams(geometry, len(blocks), table)
+    if s.init == "womi":
+        params.init_womi(model, s.seed)
+    else:
+        params.init_hadamard(s.seed)
+    windows = calibration_windows(ctx.texts, ctx.tokenizer, s.steps * s.batch, s.seqlen, ctx.seed)
+    inputs = capture_block_inputs(model, table, windows, s.batch, ctx.device)
+    weights, act = _quantizers(ctx)
+    r4 = _later_r4(ctx, geometry)
+    switch = _Switch()
+    attns = [m for _, m in attention_modules(model, table.blocks, table.attention)]
+    kv = [getattr(m, KV_ATTR, None) for m in attns]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    originals = [(block, n, get_module(block, n)) for block in blocks for n in table.linears]
+    device = torch.device(ctx.device)
+    model.to(device)
+    params.to(device)
+    losses: list[float] = []
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for block, n, linear in originals:
+            set_module(block, n, StudentLinear(linear, switch, weights, act, r4 if n == table.down else None))
+        for m in attns:
+            setattr(m, KV_STE_ATTR, True)
+        rot = StiefelAdam(params.rotations(), lr=s.lr, retraction=s.retraction)
+        sca = torch.optim.Adam(params.scales(), lr=s.scale_lr)
+        norm, head = get_module(model, table.final_norm), get_module(model, table.lm_head)
+        bar = tqdm(range(s.steps), desc="ost", unit="step", disable=not ctx.progress)
+        for step in bar:
+            for opt, lr in ((rot, s.lr), (sca, s.scale_lr)):
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(step, s.steps, lr)
+            h0, kw = inputs.hidden[step], inputs.kwargs[step]
+            ids = windows[step * s.batch : (step + 1) * s.batch].to(device)
+            with torch.no_grad():
+                switch.on = False
+                for m in attns:
+                    setattr(m, KV_ATTR, None)
+                h = h0
+                for block in blocks:
+                    out = block(h, **kw)
+                    h = out[0] if isinstance(out, tuple) else out
+                u_teacher = norm(h)[:, :-1].reshape(-1, geometry.hidden)
+            switch.on = True
+            for m, scheme in zip(attns, kv):
+                setattr(m, KV_ATTR, scheme)
+            h = h0.float() @ params.R1.float()
+            for i, block in enumerate(blocks):
+                h = checkpoint(_student_block, params, i, block, h, kw, use_reentrant=False)
+            u = (norm(h) @ params.R1.float().T)[:, :-1].reshape(-1, geometry.hidden)
+            targets = ids[:, 1:].reshape(-1)
+            loss, grad = head_loss_backward(head, u, u_teacher, targets, s.loss, s.topk)
+            u.backward(grad)
+            rot.step()
+            sca.step()
+            rot.zero_grad(set_to_none=True)
+            sca.zero_grad(set_to_none=True)
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}")
+    finally:
+        switch.on = False
+        for block, n, linear in originals:
+            set_module(block, n, linear)
+        for m, scheme in zip(attns, kv):
+            setattr(m, KV_ATTR, scheme)
+            setattr(m, KV_STE_ATTR, False)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.to("cpu")
+    params.to("cpu")
+    params.fuse(model)
+    ortho = max(orthogonality_error(params.R1.detach()), orthogonality_error(params.R2.detach()))
+    return OstReport(s, losses, time.perf_counter() - t0, ortho)
+
+
+def _student_block(params: OstParams, i: int, block: nn.Module, h: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    """Block ``i`` of the student on ``h [b, L, D]`` (float32) with the transformed weights."""
+    out = functional_call(block, params.block_weights(i, block, torch.float32), (h,), kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+OST_OPTIONS = ("steps", "batch", "seqlen", "lr", "scale_lr", "loss", "topk", "init", "retraction", "seed")
+
+
+@register("ost", TRAINED, options=OST_OPTIONS, needs=("fold_norms",),
+          description="OSTQuant: learned R1, per-KV-head R2 and diagonal scalings (norm, v->o, up->down, q->k), trained "
+                      "with KL-Top through the recipe's quantizers, fused into the weights")
+def ost(model: nn.Module, table: ArchTable, geometry: Geometry, ctx: TrainContext, **options: Any) -> dict[str, Any]:
+    """Train and fuse OSTQuant's transforms; returns the training report (settings, losses) for the run's report."""
+    settings = OstSettings.resolve(ctx.device, **options)
+    return train_ost(model, table, geometry, ctx, settings).to_dict()
