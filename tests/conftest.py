@@ -122,3 +122,28 @@ def stored_bits_per_weight():  # type: ignore[no-untyped-def]
         return 8 * sum(_stored_bytes(out).values()) / sum(l["shape"][0] * l["shape"][1] for l in layers)
 
     return bits
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -> Path:
+    """A random 2-layer float32 Llama with tied embeddings, sizes that have Hadamard matrices (unlike stories260K's
+    MLP width 172: hidden 64, MLP 128, 4 heads, 2 KV heads of 16), and stories260K's tokenizer (vocab 512);
+    non-unit norm gains so that folding matters."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("llama") / "m"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 2.0)
+    model.save_pretrained(directory, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(stories_dir / f, directory / f)
+    return directory

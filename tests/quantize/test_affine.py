@@ -244,3 +244,38 @@ def test_bad_inputs_are_refused(stories: dict[str, Any]) -> None:
     with pytest.raises(LowbitError, match="matching"):
         affine_block(copy.deepcopy(stories["block"]), stories["table"], stories["geometry"], inputs.hidden,
                      inputs.kwargs, stories["ref"][:1], W4, None, SETTINGS)
+
+
+def test_rebatch_cuts_windows_and_their_keyword_arguments() -> None:
+    hidden = [torch.arange(4 * 3 * 2, dtype=torch.float32).reshape(4, 3, 2), torch.zeros(4, 3, 2)]
+    targets = [h + 1 for h in hidden]
+    kw = [{"position_embeddings": (torch.ones(4, 3, 2), torch.ones(4, 3, 2)), "position_ids": torch.arange(3)[None],
+           "attention_mask": None}] * 2
+    h, k, y = affine.rebatch(hidden, kw, targets, samples=5, batch=2)
+    assert [t.shape[0] for t in h] == [2, 2, 1] and torch.equal(torch.cat(h), torch.cat(hidden)[:5])
+    assert torch.equal(torch.cat(y), torch.cat(targets)[:5])
+    assert [x["position_embeddings"][0].shape[0] for x in k] == [2, 2, 1]
+    assert all(x["position_ids"].shape == (1, 3) and x["attention_mask"] is None for x in k)
+
+
+def test_pipeline_trains_every_block_and_writes_a_plain_checkpoint(tmp_path: Path, llama_dir: Path) -> None:
+    """The registered transform through quantize_model: one report per block (epochs losses), settings from the
+    recipe over the CPU defaults, a fused-only checkpoint; bad options fail in one line."""
+    import json
+
+    from lowbit.quantize.pipeline import quantize_model
+    from lowbit.quantize.recipe import Recipe
+    from lowbit.quantize.transforms.spec import TransformSpec as T
+
+    recipe = Recipe("aff", weights=WeightScheme(bits=4, strategy="group", group_size=16), method="gptq",
+                    transforms=(T("affine", epochs=2, samples=4),))
+    out = tmp_path / "o"
+    res = quantize_model(llama_dir, recipe, out, samples=4, calib_seqlen=32, progress=False)
+    reports = res.extra["trained_transforms"]["affine"]
+    assert len(reports) == 2 and all(len(r["losses"]) == 2 for r in reports)
+    assert reports[0]["settings"]["samples"] == 4 and reports[0]["settings"]["batch"] == affine.CPU_DEFAULTS["batch"]
+    assert "transform_config" not in json.loads((out / "config.json").read_text())["quantization_config"]
+    with pytest.raises(LowbitError, match="transform 'affine': samples must be a positive integer, got 0"):
+        T("affine", samples=0)
+    with pytest.raises(LowbitError, match="transform 'affine': stability must be in"):
+        T("affine", stability=2.0)

@@ -6,12 +6,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowbit
 from lowbit.calibrate.runner import capture_block_inputs, run_block
@@ -30,29 +28,6 @@ from lowbit.quantize.transforms.rotations import is_tied
 from lowbit.quantize.transforms.spec import TransformSpec as T
 
 FUSED = (T("fold_norms"), T("r1"), T("r2"))
-
-
-def _make_llama(directory: Path, stories_dir: Path, hidden: int = 64, intermediate: int = 128, heads: int = 4,
-                kv_heads: int = 2) -> Path:
-    """A random 2-layer float32 Llama with tied embeddings, sizes that have Hadamard matrices (unlike stories260K's
-    MLP width 172), and stories260K's tokenizer (vocab 512); non-unit norm gains so that folding matters."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, vocab_size=512, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 2.0)
-    model.save_pretrained(directory, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(stories_dir / f, directory / f)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -> Path:
-    return _make_llama(tmp_path_factory.mktemp("llama") / "m", stories_dir)
 
 
 def _logits(model: torch.nn.Module, vocab: int = 512, seed: int = 0) -> torch.Tensor:

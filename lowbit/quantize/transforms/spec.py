@@ -7,6 +7,9 @@ from typing import Any
 
 from lowbit.errors import LowbitError
 from lowbit.quantize.transforms import TRANSFORMS
+from lowbit.quantize.transforms.distill import LOSSES
+from lowbit.quantize.transforms.ost import INITS
+from lowbit.quantize.transforms.stiefel import RETRACTIONS
 
 
 @dataclass(frozen=True)
@@ -71,3 +74,17 @@ class TransformSpec:
             raise LowbitError(f"transform {self.name!r}: block must be a positive integer, got {self.block}")
         if not 0.0 <= self.alpha <= 1.0:
             raise LowbitError(f"transform {self.name!r}: alpha must be in [0, 1], got {self.alpha}")
+        for name in ("steps", "batch", "seqlen", "topk", "epochs", "samples"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "seqlen" else 1)):
+                raise LowbitError(f"transform {self.name!r}: {name} must be a positive integer, got {v!r}")
+        for name in ("lr", "scale_lr"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise LowbitError(f"transform {self.name!r}: {name} must be positive, got {v!r}")
+        if self.stability is not None and not 0.0 <= self.stability <= 1.0:
+            raise LowbitError(f"transform {self.name!r}: stability must be in [0, 1], got {self.stability}")
+        for name, allowed in (("loss", LOSSES), ("init", INITS), ("retraction", RETRACTIONS)):
+            v = getattr(self, name)
+            if v is not None and v not in allowed:
+                raise LowbitError(f"transform {self.name!r}: {name} must be one of {', '.join(allowed)}, got {v!r}")
