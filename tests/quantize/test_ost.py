@@ -110,6 +110,7 @@ def test_training_keeps_rotations_orthogonal_and_the_float_model_unchanged(llama
     model, report, before = _train(llama_dir, act, kv, lr=0.2, scale_lr=0.05)
     assert len(report["losses"]) == 3 and all(l > 0 for l in report["losses"])
     assert report["orthogonality_error"] < 1e-5
+    assert 0 < report["held_out_loss_before"] < float("inf") and 0 < report["held_out_loss_after"] < float("inf")
     install_attention(model, [m for _, m in attention_modules(model, "model.layers", "self_attn")], None)  # float KV
     after = _logits(model)
     assert _rel(after, before) < 1e-4

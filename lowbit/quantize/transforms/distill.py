@@ -36,6 +36,20 @@ def kl_full(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum()
 
 
+def _chunk_loss(
+    logits: torch.Tensor, u_teacher: torch.Tensor | None, targets: torch.Tensor | None, s: int, e: int, loss: str,
+    k: int, head: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The summed loss of positions ``s:e`` given the student's logits for them ``[e - s, vocab]``."""
+    if loss == "ce":
+        assert targets is not None
+        return F.cross_entropy(logits.float(), targets[s:e], reduction="sum")
+    assert u_teacher is not None
+    with torch.no_grad():
+        teacher = head(u_teacher[s:e])
+    return kl_top(logits, teacher, k) if loss == "kl-top" else kl_full(logits, teacher)
+
+
 def head_loss_backward(
     head: Callable[[torch.Tensor], torch.Tensor], u_student: torch.Tensor, u_teacher: torch.Tensor | None,
     targets: torch.Tensor | None, loss: str, k: int, chunk: int = HEAD_CHUNK,
@@ -60,16 +74,24 @@ def head_loss_backward(
     total = 0.0
     for s in range(0, T, chunk):
         e = min(s + chunk, T)
-        logits = head(leaf[s:e])
-        if loss == "ce":
-            assert targets is not None
-            part = F.cross_entropy(logits.float(), targets[s:e], reduction="sum")
-        else:
-            assert u_teacher is not None
-            with torch.no_grad():
-                teacher = head(u_teacher[s:e])
-            part = kl_top(logits, teacher, k) if loss == "kl-top" else kl_full(logits, teacher)
+        part = _chunk_loss(head(leaf[s:e]), u_teacher, targets, s, e, loss, k, head)
         (part / T).backward()
         total += float(part.detach()) / T
     assert leaf.grad is not None
     return total, leaf.grad
+
+
+@torch.no_grad()
+def head_loss(
+    head: Callable[[torch.Tensor], torch.Tensor], u_student: torch.Tensor, u_teacher: torch.Tensor | None,
+    targets: torch.Tensor | None, loss: str, k: int, chunk: int = HEAD_CHUNK,
+) -> float:
+    """The mean loss of :func:`head_loss_backward`, without gradients (an evaluation)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    T = u_student.shape[0]
+    total = 0.0
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        total += float(_chunk_loss(head(u_student[s:e]), u_teacher, targets, s, e, loss, k, head)) / T
+    return total

@@ -42,7 +42,7 @@ from lowbit.models.arch import ArchTable, Geometry
 from lowbit.models.attention import KV_ATTR, KV_STE_ATTR, attention_modules
 from lowbit.models.loading import get_module, set_module
 from lowbit.quantize.transforms.base import TRAINED, TrainContext, register
-from lowbit.quantize.transforms.distill import LOSSES, head_loss_backward
+from lowbit.quantize.transforms.distill import LOSSES, head_loss, head_loss_backward
 from lowbit.quantize.transforms.ost import INITS, OstParams
 from lowbit.quantize.transforms.stiefel import RETRACTIONS, StiefelAdam, cosine_lr, orthogonality_error
 
@@ -122,16 +122,20 @@ class StudentLinear(nn.Module):
 
 @dataclass
 class OstReport:
-    """What training did: settings, loss per step, seconds, and the orthogonality of the learned rotations."""
+    """What training did: settings, loss per step, seconds, the orthogonality of the learned rotations, and the loss
+    on held-out windows before and after training."""
 
     settings: OstSettings
     losses: list[float]
     seconds: float
     orthogonality: float
+    held_out_before: float
+    held_out_after: float
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": dataclasses.asdict(self.settings), "losses": self.losses, "seconds": self.seconds,
-                "orthogonality_error": self.orthogonality}
+                "orthogonality_error": self.orthogonality, "held_out_loss_before": self.held_out_before,
+                "held_out_loss_after": self.held_out_after}
 
 
 def _later_r4(ctx: TrainContext, geometry: Geometry) -> tuple[int, torch.Tensor | None] | None:
@@ -152,84 +156,125 @@ def _quantizers(ctx: TrainContext) -> tuple[WeightScheme | None, ActScheme | Non
     return weights, act
 
 
+class _Student:
+    """The model set up for training: StudentLinear modules in place of its block linears (restored by ``close``),
+    the teacher and student passes from the captured embedding outputs, and the loss between them.
+
+    The quantizers are on in the student pass only: the switch for the linears, and the KV schemes of the attention
+    modules (set to None for the teacher).
+    """
+
+    def __init__(self, model: nn.Module, table: ArchTable, params: OstParams, ctx: TrainContext,
+                 r4: tuple[int, torch.Tensor | None] | None, s: OstSettings) -> None:
+        self.table, self.params, self.s = table, params, s
+        self.blocks = get_module(model, table.blocks)
+        self.norm, self.head = get_module(model, table.final_norm), get_module(model, table.lm_head)
+        self.switch = _Switch()
+        self.attns = [m for _, m in attention_modules(model, table.blocks, table.attention)]
+        self.kv = [getattr(m, KV_ATTR, None) for m in self.attns]
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.originals = [(block, n, get_module(block, n)) for block in self.blocks for n in table.linears]
+        weights, act = _quantizers(ctx)
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        for block, n, linear in self.originals:
+            set_module(block, n, StudentLinear(linear, self.switch, weights, act, r4 if n == table.down else None))
+        for m in self.attns:
+            setattr(m, KV_STE_ATTR, True)
+
+    def close(self) -> None:
+        """Put the model back as it was (its linears, KV schemes and requires_grad flags)."""
+        self._quantize(False)
+        for block, n, linear in self.originals:
+            set_module(block, n, linear)
+        for m, scheme in zip(self.attns, self.kv):
+            setattr(m, KV_ATTR, scheme)
+            setattr(m, KV_STE_ATTR, False)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+
+    def _quantize(self, on: bool) -> None:
+        self.switch.on = on
+        for m, scheme in zip(self.attns, self.kv):
+            setattr(m, KV_ATTR, scheme if on else None)
+
+    @torch.no_grad()
+    def teacher(self, h0: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+        """The float model's head input ``[b (L - 1), D]`` for the embedding outputs ``h0 [b, L, D]``."""
+        self._quantize(False)
+        h = h0
+        for block in self.blocks:
+            out = block(h, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.norm(h)[:, :-1].reshape(-1, h.shape[-1])
+
+    def student(self, h0: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+        """The transformed, fake-quantized model's head input ``[b (L - 1), D]`` (float32; a graph to the params)."""
+        self._quantize(True)
+        R1 = self.params.R1.float()
+        h = h0.float() @ R1
+        for i, block in enumerate(self.blocks):
+            h = checkpoint(_student_block, self.params, i, block, h, kw, use_reentrant=False)
+        return (self.norm(h) @ R1.T)[:, :-1].reshape(-1, h.shape[-1])
+
+    def loss(self, h0: torch.Tensor, kw: dict[str, Any], ids: torch.Tensor, backward: bool) -> float:
+        """The mean loss per position of one batch (``ids [b, L]``); with ``backward`` its gradients accumulate."""
+        u_teacher = self.teacher(h0, kw)
+        targets = ids[:, 1:].reshape(-1)
+        if not backward:
+            with torch.no_grad():
+                return head_loss(self.head, self.student(h0, kw), u_teacher, targets, self.s.loss, self.s.topk)
+        u = self.student(h0, kw)
+        value, grad = head_loss_backward(self.head, u, u_teacher, targets, self.s.loss, self.s.topk)
+        u.backward(grad)
+        return value
+
+
 def train_ost(model: nn.Module, table: ArchTable, geometry: Geometry, ctx: TrainContext, s: OstSettings) -> OstReport:
-    """Learn OSTQuant's transforms on ``model`` (norm gains folded, lm_head untied) and fuse them into it."""
+    """Learn OSTQuant's transforms on ``model`` (norm gains folded, lm_head untied) and fuse them into it.
+
+    Before and after training the loss is measured on ``s.batch`` held-out windows (drawn with the next seed), so
+    the report says whether training helped on data it did not see.
+    """
     t0 = time.perf_counter()
-    blocks = get_module(model, table.blocks)
-    params = OstParams(geometry, len(blocks), table)
+    params = OstParams(geometry, len(get_module(model, table.blocks)), table)
     if s.init == "womi":
         params.init_womi(model, s.seed)
     else:
         params.init_hadamard(s.seed)
     windows = calibration_windows(ctx.texts, ctx.tokenizer, s.steps * s.batch, s.seqlen, ctx.seed)
+    held = calibration_windows(ctx.texts, ctx.tokenizer, s.batch, s.seqlen, ctx.seed + 1)
     inputs = capture_block_inputs(model, table, windows, s.batch, ctx.device)
-    weights, act = _quantizers(ctx)
-    r4 = _later_r4(ctx, geometry)
-    switch = _Switch()
-    attns = [m for _, m in attention_modules(model, table.blocks, table.attention)]
-    kv = [getattr(m, KV_ATTR, None) for m in attns]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    originals = [(block, n, get_module(block, n)) for block in blocks for n in table.linears]
+    held_in = capture_block_inputs(model, table, held, s.batch, ctx.device)
     device = torch.device(ctx.device)
     model.to(device)
     params.to(device)
     losses: list[float] = []
+    student = _Student(model, table, params, ctx, _later_r4(ctx, geometry), s)
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for block, n, linear in originals:
-            set_module(block, n, StudentLinear(linear, switch, weights, act, r4 if n == table.down else None))
-        for m in attns:
-            setattr(m, KV_STE_ATTR, True)
+        held_before = student.loss(held_in.hidden[0], held_in.kwargs[0], held.to(device), backward=False)
         rot = StiefelAdam(params.rotations(), lr=s.lr, retraction=s.retraction)
         sca = torch.optim.Adam(params.scales(), lr=s.scale_lr)
-        norm, head = get_module(model, table.final_norm), get_module(model, table.lm_head)
         bar = tqdm(range(s.steps), desc="ost", unit="step", disable=not ctx.progress)
         for step in bar:
             for opt, lr in ((rot, s.lr), (sca, s.scale_lr)):
                 for group in opt.param_groups:
                     group["lr"] = cosine_lr(step, s.steps, lr)
-            h0, kw = inputs.hidden[step], inputs.kwargs[step]
             ids = windows[step * s.batch : (step + 1) * s.batch].to(device)
-            with torch.no_grad():
-                switch.on = False
-                for m in attns:
-                    setattr(m, KV_ATTR, None)
-                h = h0
-                for block in blocks:
-                    out = block(h, **kw)
-                    h = out[0] if isinstance(out, tuple) else out
-                u_teacher = norm(h)[:, :-1].reshape(-1, geometry.hidden)
-            switch.on = True
-            for m, scheme in zip(attns, kv):
-                setattr(m, KV_ATTR, scheme)
-            h = h0.float() @ params.R1.float()
-            for i, block in enumerate(blocks):
-                h = checkpoint(_student_block, params, i, block, h, kw, use_reentrant=False)
-            u = (norm(h) @ params.R1.float().T)[:, :-1].reshape(-1, geometry.hidden)
-            targets = ids[:, 1:].reshape(-1)
-            loss, grad = head_loss_backward(head, u, u_teacher, targets, s.loss, s.topk)
-            u.backward(grad)
+            losses.append(student.loss(inputs.hidden[step], inputs.kwargs[step], ids, backward=True))
             rot.step()
             sca.step()
             rot.zero_grad(set_to_none=True)
             sca.zero_grad(set_to_none=True)
-            losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        held_after = student.loss(held_in.hidden[0], held_in.kwargs[0], held.to(device), backward=False)
     finally:
-        switch.on = False
-        for block, n, linear in originals:
-            set_module(block, n, linear)
-        for m, scheme in zip(attns, kv):
-            setattr(m, KV_ATTR, scheme)
-            setattr(m, KV_STE_ATTR, False)
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        student.close()
         model.to("cpu")
     params.to("cpu")
     params.fuse(model)
     ortho = max(orthogonality_error(params.R1.detach()), orthogonality_error(params.R2.detach()))
-    return OstReport(s, losses, time.perf_counter() - t0, ortho)
+    return OstReport(s, losses, time.perf_counter() - t0, ortho, held_before, held_after)
 
 
 def _student_block(params: OstParams, i: int, block: nn.Module, h: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
