@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lowbit.errors import LowbitError
@@ -35,9 +37,16 @@ def test_llama_linears_in_sequential_order() -> None:
         assert set(readers) <= set(LLAMA.linears)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
 def test_llama_layout_families_share_the_table(model_type: str) -> None:
     assert arch_table(model_type) is LLAMA
+
+
+def test_qwen3_differs_only_by_its_normalised_q_and_k() -> None:
+    """Qwen3 normalises q and k per head after projecting: a learned q -> k scaling would be undone there."""
+    qwen3 = arch_table("qwen3")
+    assert qwen3.qk_norm and not LLAMA.qk_norm
+    assert dataclasses.replace(qwen3, qk_norm=False) == LLAMA
 
 
 def test_unknown_type_lists_supported_types() -> None:
