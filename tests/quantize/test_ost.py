@@ -176,7 +176,7 @@ def test_ctrl_c_during_training_leaves_nothing_written(tmp_path: Path, llama_dir
     leftover) exists."""
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"name": "slow-ost", "weights": {"bits": 4, "group_size": 16},
-                                  "transforms": [{"name": "fold_norms"}, {"name": "ost", "steps": 100000,
+                                  "transforms": [{"name": "fold_norms"}, {"name": "ost", "steps": 500,
                                                                           "seqlen": 32, "batch": 1}]}))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
