@@ -350,6 +350,8 @@ def quantize_model(
         install_attention(fmodel, [m for _, m in attention_modules(fmodel, table.blocks, table.attention)], recipe.kv_cache)
     if geometry is not None:
         trained = apply_model_transforms(fmodel, table, geometry, recipe.transforms, ctx)
+        if trained:
+            release_free_heap()  # the training's graphs were freed between live heap blocks: give the pages back
         torch.manual_seed(seed)  # what follows draws the same numbers with or without training before it
     timings["transform"] = time.perf_counter() - t1
     size_before = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
