@@ -105,7 +105,6 @@ class StudentLinear(nn.Module):
     def __init__(self, linear: nn.Linear, switch: _Switch, weights: WeightScheme | None, act: ActScheme | None,
                  r4: tuple[int, torch.Tensor | None] | None) -> None:
         super().__init__()
-        self.original = [linear]  # a list, so the module is not registered as a child (its parameters are ours)
         self.weight, self.bias = linear.weight, linear.bias
         self.switch, self.weights, self.act, self.r4 = switch, weights, act, r4
 
