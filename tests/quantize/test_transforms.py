@@ -184,19 +184,29 @@ def _ct_config(out: Path) -> dict:
     return json.loads((out / "config.json").read_text())["quantization_config"]
 
 
-def test_fused_checkpoint_is_plain_compressed_tensors(tmp_path: Path, llama_dir: Path) -> None:
-    """R1 + R2 fused: no transform_config, lm_head untied and stored, and transformers + compressed-tensors loads the
-    checkpoint unchanged with the logits lowbit.load gives."""
+FUSED_ONLY = {
+    "w4a16-rot": "w4a16-rot",
+    "ost": dataclasses.replace(PRESETS["w4a16-ost"], transforms=(T("fold_norms"), T("ost", steps=2, seqlen=32))),
+    "affine": dataclasses.replace(PRESETS["w4a16-affine"], transforms=(T("affine", epochs=2, samples=4),)),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_ONLY))
+def test_fused_checkpoint_is_plain_compressed_tensors(tmp_path: Path, llama_dir: Path, name: str) -> None:
+    """R1 + R2, OSTQuant's or AffineQuant's learned transforms fused: no transform_config, lm_head untied and stored
+    where R1 was applied, and transformers + compressed-tensors loads the checkpoint unchanged with the logits
+    lowbit.load gives."""
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "rot"
-    quantize_model(llama_dir, "w4a16-rot", out, samples=8, calib_seqlen=32, progress=False)
+    quantize_model(llama_dir, FUSED_ONLY[name], out, samples=8, calib_seqlen=32, progress=False)
     config = json.loads((out / "config.json").read_text())
-    assert "transform_config" not in config["quantization_config"] and config["tie_word_embeddings"] is False
+    assert "transform_config" not in config["quantization_config"]
+    assert config["tie_word_embeddings"] is (name == "affine")  # affine neither folds the norms nor rotates
     ours = lowbit.load(out)
     theirs = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert not is_tied(ours, LLAMA) and not is_tied(theirs, LLAMA)
+    assert is_tied(ours, LLAMA) == is_tied(theirs, LLAMA) == (name == "affine")
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=1e-5, atol=1e-5)
     float_logits = _logits(load_float_model(llama_dir)[0])
     assert _rel(_logits(ours), float_logits) < 0.2
