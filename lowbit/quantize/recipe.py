@@ -182,8 +182,8 @@ PRESETS: dict[str, Recipe] = {
                INT4_G128, A4_TOKEN, method=GPTQ, rounding=GPTQ_BEST, kv_cache=KV4,
                transforms=(TransformSpec("fold_norms"), TransformSpec("r3"), TransformSpec("ost"), TransformSpec("r4"))),
         Recipe("w4a16-affine", "AffineQuant: per block, norm-side scales and per-KV-head v->o matrices (diagonally "
-               "dominant) with learned clipping, trained to match the float block through INT4 weight fake-quant, "
-               "folded; then w4a16 (GPTQ); a plain compressed-tensors checkpoint", INT4_G128, method=GPTQ,
+               "dominant), trained with learned clipping to match the float block through INT4 weight fake-quant, "
+               "folded; then w4a16 (GPTQ, its own clipping); a plain compressed-tensors checkpoint", INT4_G128, method=GPTQ,
                rounding=GPTQ_BEST, transforms=(TransformSpec("affine"),)),
         Recipe("w4a8-fp8", "FireQ: INT4 symmetric group-128 weights with E4M3 group scales and a power-of-two tensor "
                "scale, GPTQ; FP8 E4M3 dynamic per-token activations",

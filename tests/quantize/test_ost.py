@@ -94,8 +94,10 @@ def test_qk_scaling_must_be_equal_on_each_rope_pair(llama_dir: Path) -> None:
     assert _rel(_logits(model), before) > 1e-3
 
 
-def _train(directory: Path, act: ActScheme | None, kv: ActScheme | None, **options: object) -> tuple[torch.nn.Module, dict, torch.Tensor]:
+def _train(directory: Path, act: ActScheme | None, kv: ActScheme | None, dtype: torch.dtype = torch.float32,
+           **options: object) -> tuple[torch.nn.Module, dict, torch.Tensor]:
     model, tok, table, before = _folded(directory)
+    model.to(dtype)
     specs = (T("r3"), T("ost", steps=3, batch=2, seqlen=32, **options), T("r4", block=32))
     g = check_model(specs, table, check_model_dir(directory))
     if kv is not None:
@@ -148,6 +150,7 @@ def test_settings_take_the_device_defaults_and_refuse_bad_values() -> None:
     ((T("ost"),), "needs fold_norms listed before it"),
     ((T("fold_norms"), T("r1"), T("ost")), "learns R1 and R2 itself"),
     ((T("smoothquant"), T("affine")), "one block-level"),
+    ((T("fold_norms"), T("r4"), T("ost")), "list r4 after ost"),
 ])
 def test_bad_ost_recipes_are_refused(specs: tuple[T, ...], message: str) -> None:
     with pytest.raises(LowbitError, match=message):
@@ -195,3 +198,12 @@ def test_ctrl_c_during_training_leaves_nothing_written(tmp_path: Path, llama_dir
     assert proc.returncode != 0, rest[-2000:]
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name not in ("r.json",)] == []
+
+
+def test_a_bfloat16_model_trains_in_float32_and_keeps_its_dtype(llama_dir: Path) -> None:
+    """Most checkpoints are bf16: the student's float32 stream meets the model's own head, which must not fail."""
+    model, report, before = _train(llama_dir, A4, KV4, dtype=torch.bfloat16, lr=0.2)
+    assert report["orthogonality_error"] < 1e-5 and all(l > 0 for l in report["losses"])
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    install_attention(model, [m for _, m in attention_modules(model, "model.layers", "self_attn")], None)
+    assert _rel(_logits(model).float(), before) < 0.05  # bf16 rounding of the fused weights only

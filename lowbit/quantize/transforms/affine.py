@@ -42,6 +42,7 @@ from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.kernels.online import input_transform
 from lowbit.kernels.quant_linear import fake_quantize_activation
 from lowbit.models.arch import ArchTable, Geometry
+from lowbit.models.attention import KV_ATTR, KV_STE_ATTR
 from lowbit.models.loading import get_module
 from lowbit.calibrate.runner import BlockInputs
 from lowbit.quantize.transforms.base import BLOCK_TRAINED, TrainContext, register
@@ -275,6 +276,9 @@ def affine_block(
             handles.append(linear.register_forward_pre_hook(quantize_input) if t is None
                            else t.register_forward_hook(quantize_output))
     flags, mode = {n: p.requires_grad for n, p in block.named_parameters()}, block.training
+    attns = [m for m in block.modules() if getattr(m, KV_ATTR, None) is not None]  # a quantized KV cache: train through it
+    for m in attns:
+        setattr(m, KV_STE_ATTR, True)
     block.eval()
     for p in block.parameters():
         p.requires_grad_(False)
@@ -306,6 +310,8 @@ def affine_block(
             handle.remove()
         for n, p in block.named_parameters():
             p.requires_grad_(flags[n])
+        for m in attns:
+            setattr(m, KV_STE_ATTR, False)
         block.train(mode)
     fold_affine(block, table, geometry, {k: _floor_magnitude(v) for k, v in s.items()}, A * mask)
     clip = {name: torch.sigmoid(g.detach()) for name, g in gamma.items()}

@@ -37,6 +37,9 @@ def check_recipe(specs: tuple[TransformSpec, ...], activations: ActScheme | None
         raise LowbitError("a recipe takes one block-level (data-dependent) transform")
     if "ost" in seen and ("r1" in seen or "r2" in seen):
         raise LowbitError("transform 'ost' learns R1 and R2 itself (from Hadamard or WOMI starts): drop r1/r2")
+    if "ost" in seen and "r4" in seen and seen.index("r4") < seen.index("ost"):
+        raise LowbitError("list r4 after ost: ost scales down_proj's input channels, which must happen before R4 rotates "
+                          "them (ost simulates an r4 listed after it)")
     if "r3" in seen and kv_cache is None:
         raise LowbitError("transform 'r3' rotates Q and K for a quantized KV cache: set kv_cache, or drop r3 (it changes "
                           "nothing without one)")

@@ -218,15 +218,20 @@ class _Student:
             h = checkpoint(_student_block, self.params, i, block, h, kw, use_reentrant=False)
         return (self.norm(h) @ R1.T)[:, :-1].reshape(-1, h.shape[-1])
 
+    def _head(self, u: torch.Tensor) -> torch.Tensor:
+        """The output head in float32, whatever the model's dtype (the student's stream is float32)."""
+        bias = self.head.bias
+        return F.linear(u.float(), self.head.weight.float(), None if bias is None else bias.float())
+
     def loss(self, h0: torch.Tensor, kw: dict[str, Any], ids: torch.Tensor, backward: bool) -> float:
         """The mean loss per position of one batch (``ids [b, L]``); with ``backward`` its gradients accumulate."""
         u_teacher = self.teacher(h0, kw)
         targets = ids[:, 1:].reshape(-1)
         if not backward:
             with torch.no_grad():
-                return head_loss(self.head, self.student(h0, kw), u_teacher, targets, self.s.loss, self.s.topk)
+                return head_loss(self._head, self.student(h0, kw), u_teacher, targets, self.s.loss, self.s.topk)
         u = self.student(h0, kw)
-        value, grad = head_loss_backward(self.head, u, u_teacher, targets, self.s.loss, self.s.topk)
+        value, grad = head_loss_backward(self._head, u, u_teacher, targets, self.s.loss, self.s.topk)
         u.backward(grad)
         return value
 
