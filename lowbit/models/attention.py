@@ -11,7 +11,8 @@ scaled-dot-product attention through transformers' own ``sdpa`` function.
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -59,3 +60,22 @@ def install_attention(model: PreTrainedModel, modules: list[nn.Module], kv: ActS
     for m in modules:
         setattr(m, KV_ATTR, kv)
     model.set_attn_implementation(ATTENTION)
+
+
+@contextmanager
+def kv_cache_mode(modules: list[nn.Module], quantize: bool = True, ste: bool = False) -> Iterator[None]:
+    """Within the block, the attention modules among ``modules`` quantize their KV cache as installed
+    (``quantize``) or not at all (a float teacher), with straight-through gradients if ``ste`` (training through
+    it); their schemes and flags are restored on leaving."""
+    attns = [m for m in modules if hasattr(m, KV_ATTR)]
+    saved = [(getattr(m, KV_ATTR), getattr(m, KV_STE_ATTR, False)) for m in attns]
+    try:
+        for m in attns:
+            if not quantize:
+                setattr(m, KV_ATTR, None)
+            setattr(m, KV_STE_ATTR, ste)
+        yield
+    finally:
+        for m, (scheme, flag) in zip(attns, saved):
+            setattr(m, KV_ATTR, scheme)
+            setattr(m, KV_STE_ATTR, flag)

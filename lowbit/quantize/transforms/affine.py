@@ -42,10 +42,10 @@ from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.kernels.online import input_transform
 from lowbit.kernels.quant_linear import fake_quantize_activation
 from lowbit.models.arch import ArchTable, Geometry
-from lowbit.models.attention import KV_ATTR, KV_STE_ATTR
+from lowbit.models.attention import kv_cache_mode
 from lowbit.models.loading import get_module
-from lowbit.calibrate.runner import BlockInputs
-from lowbit.quantize.transforms.base import BLOCK_TRAINED, TrainContext, register
+from lowbit.calibrate.runner import BlockInputs, map_tensors
+from lowbit.quantize.transforms.base import BLOCK_TRAINED, TrainContext, device_defaults, register
 from lowbit.quantize.transforms.smoothquant import migration_scales
 
 EPS = 1e-5  # floor of |s| (the init clamp of 3.4) and of |a_ii|: a zero would make the fold divide by zero
@@ -167,17 +167,6 @@ def fold_affine(
             p.copy_(new[n].to(p.dtype))
 
 
-def _as_float32(obj: Any) -> Any:
-    """Floating tensors inside nested tuples/lists/dicts cast to float32 (the rotary tables of a 16-bit model)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_as_float32(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _as_float32(v) for k, v in obj.items()}
-    return obj
-
-
 def _output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out  # older transformers return (hidden, ...)
 
@@ -252,7 +241,7 @@ def affine_block(
     params = {n: p.detach().float() for n, p in block.named_parameters()}
     q_in = [h.float() for h in q_in]
     fp_out = [y.float() for y in fp_out]
-    kwargs = [_as_float32(kw) for kw in kwargs]
+    kwargs = [map_tensors(kw, lambda t: t.float() if t.is_floating_point() else t) for kw in kwargs]  # 16-bit RoPE tables
     schemes = {name: weights.for_layer(params[f"{name}.weight"].shape[1]) for name in linears}
 
     s = {k: nn.Parameter(v) for k, v in init_scales(block, table, params, q_in, kwargs, settings.alpha).items()}
@@ -276,43 +265,39 @@ def affine_block(
             handles.append(linear.register_forward_pre_hook(quantize_input) if t is None
                            else t.register_forward_hook(quantize_output))
     flags, mode = {n: p.requires_grad for n, p in block.named_parameters()}, block.training
-    attns = [m for m in block.modules() if getattr(m, KV_ATTR, None) is not None]  # a quantized KV cache: train through it
-    for m in attns:
-        setattr(m, KV_STE_ATTR, True)
     block.eval()
     for p in block.parameters():
         p.requires_grad_(False)
     losses: list[float] = []
-    try:
-        bar = tqdm(range(settings.epochs), desc="affine", unit="epoch", disable=not progress)
-        for e in bar:
-            mask = gradual_mask(d, e, settings.epochs, settings.stability).to(device)
-            with torch.no_grad():  # the band just grew: entries entering it must not break dominance
-                A.copy_(make_dominant(A, mask))
-            total = torch.zeros((), device=device)
-            for h, kw, y in zip(q_in, kwargs, fp_out):
-                new = equivalent_weights(params, table, geometry, {k: _floor_magnitude(v) for k, v in s.items()},
-                                         A * mask)
-                for name in linears:
-                    key = f"{name}.weight"
-                    new[key] = fake_quantize_ste(new[key], schemes[name], scale_dtype, torch.sigmoid(gamma[name]))
-                loss = F.mse_loss(_output(functional_call(block, new, (h,), kw)), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
+    with kv_cache_mode(list(block.modules()), ste=True):  # a quantized KV cache: train through it
+        try:
+            bar = tqdm(range(settings.epochs), desc="affine", unit="epoch", disable=not progress)
+            for e in bar:
+                mask = gradual_mask(d, e, settings.epochs, settings.stability).to(device)
+                with torch.no_grad():  # the band just grew: entries entering it must not break dominance
                     A.copy_(make_dominant(A, mask))
-                total += loss.detach()
-            losses.append(total.item() / len(q_in))
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
-    finally:
-        for handle in handles:
-            handle.remove()
-        for n, p in block.named_parameters():
-            p.requires_grad_(flags[n])
-        for m in attns:
-            setattr(m, KV_STE_ATTR, False)
-        block.train(mode)
+                total = torch.zeros((), device=device)
+                for h, kw, y in zip(q_in, kwargs, fp_out):
+                    new = equivalent_weights(params, table, geometry, {k: _floor_magnitude(v) for k, v in s.items()},
+                                             A * mask)
+                    for name in linears:
+                        key = f"{name}.weight"
+                        new[key] = fake_quantize_ste(new[key], schemes[name], scale_dtype, torch.sigmoid(gamma[name]))
+                    loss = F.mse_loss(_output(functional_call(block, new, (h,), kw)), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    with torch.no_grad():
+                        A.copy_(make_dominant(A, mask))
+                    total += loss.detach()
+                losses.append(total.item() / len(q_in))
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        finally:
+            for handle in handles:
+                handle.remove()
+            for n, p in block.named_parameters():
+                p.requires_grad_(flags[n])
+            block.train(mode)
     fold_affine(block, table, geometry, {k: _floor_magnitude(v) for k, v in s.items()}, A * mask)
     clip = {name: torch.sigmoid(g.detach()) for name, g in gamma.items()}
     return AffineResult(losses[0], losses[-1], losses, clip)
@@ -322,17 +307,6 @@ def affine_block(
 # (ALGORITHMS.md 3.1: 20 epochs over all 128 windows, one window per step) for a GPU.
 CPU_DEFAULTS = {"epochs": 4, "samples": 16, "batch": 2}
 CUDA_DEFAULTS = {"epochs": 20, "samples": None, "batch": 1}
-
-
-def _rows(obj: Any, b: int, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of every tensor in ``obj`` whose first dim is the batch ``b`` (others as they are)."""
-    if isinstance(obj, torch.Tensor):
-        return obj[start:stop] if obj.dim() and obj.shape[0] == b else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_rows(o, b, start, stop) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _rows(v, b, start, stop) for k, v in obj.items()}
-    return obj
 
 
 def rebatch(hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], targets: list[torch.Tensor], samples: int | None,
@@ -349,7 +323,7 @@ def rebatch(hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], targets: l
         e = min(s + batch, n)
         out_h.append(h[s:e])
         out_y.append(y[s:e])
-        out_kw.append(_rows(kwargs[0], b0, 0, e - s))
+        out_kw.append(map_tensors(kwargs[0], lambda t, k=e - s: t[:k] if t.dim() and t.shape[0] == b0 else t))
     return out_h, out_kw, out_y
 
 
@@ -359,11 +333,7 @@ def rebatch(hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], targets: l
 def affine(block: nn.Module, table: ArchTable, geometry: Geometry, inputs: BlockInputs, fp_out: list[torch.Tensor],
            ctx: TrainContext, **options: Any) -> dict[str, Any]:
     """Train AffineQuant on one block (options left None take the device's defaults) and fold it; its report."""
-    defaults = {**CPU_DEFAULTS, **({} if not ctx.device.startswith("cuda") else CUDA_DEFAULTS)}
-    pick = {k: (defaults[k] if options.get(k) is None else options[k]) for k in defaults}
-    for k in ("samples", "batch"):
-        if pick[k] is not None and (isinstance(pick[k], bool) or pick[k] < 1):
-            raise LowbitError(f"affine: {k} must be a positive integer, got {pick[k]!r}")
+    pick = device_defaults(options, ctx.device, CPU_DEFAULTS, CUDA_DEFAULTS)  # values checked by TransformSpec
     given = {k: options[k] for k in ("lr", "stability", "alpha") if options.get(k) is not None}
     settings = AffineSettings(epochs=pick["epochs"], **given)
     h, kw, y = rebatch(inputs.hidden, inputs.kwargs, fp_out, pick["samples"], pick["batch"])

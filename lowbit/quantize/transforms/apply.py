@@ -15,7 +15,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.scheme import ActScheme
 from lowbit.models.arch import ArchTable, Geometry
 from lowbit.calibrate.runner import BlockInputs, run_block
-from lowbit.models.attention import KV_ATTR
+from lowbit.models.attention import kv_cache_mode
 from lowbit.quantize.transforms import BLOCK, BLOCK_TRAINED, MODEL, TRAINED, TRANSFORMS
 from lowbit.quantize.transforms.base import TrainContext
 from lowbit.quantize.transforms.rotations import check_sizes
@@ -102,15 +102,8 @@ def block_trained(specs: tuple[TransformSpec, ...]) -> TransformSpec | None:
 
 def float_block_outputs(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
     """The float ``block`` (KV cache not quantized) on the float stream ``hidden``: a block-trained transform's targets."""
-    attn = [m for m in block.modules() if hasattr(m, KV_ATTR)]
-    kv = [getattr(m, KV_ATTR) for m in attn]
-    try:
-        for m in attn:
-            setattr(m, KV_ATTR, None)
+    with kv_cache_mode(list(block.modules()), quantize=False):
         return run_block(block, BlockInputs(hidden, kwargs))
-    finally:
-        for m, scheme in zip(attn, kv):
-            setattr(m, KV_ATTR, scheme)
 
 
 def train_block(

@@ -17,6 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from transformers import PreTrainedTokenizerBase
+
+from lowbit.formats.scheme import ActScheme, WeightScheme
+
 MODEL, BLOCK, TRAINED, BLOCK_TRAINED = "model", "block", "trained", "block-trained"
 
 
@@ -33,12 +37,12 @@ class TrainContext:
         device: where to train ("cpu" or "cuda"); seed: the run's seed; progress: show a progress bar.
     """
 
-    texts: Any
-    tokenizer: Any
-    weights: Any
-    activations: Any
-    kv_cache: Any
-    later: tuple[Any, ...]
+    texts: list[str]
+    tokenizer: PreTrainedTokenizerBase
+    weights: WeightScheme
+    activations: ActScheme | None
+    kv_cache: ActScheme | None
+    later: tuple[Any, ...]  # TransformSpecs (spec.py imports this module: no import back)
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
@@ -81,3 +85,10 @@ def register(
         return fn
 
     return deco
+
+
+def device_defaults(options: dict[str, Any], device: str, cpu: dict[str, Any], cuda: dict[str, Any]) -> dict[str, Any]:
+    """A trained transform's settings: each key of ``cpu``/``cuda`` from ``options`` unless None there, else the
+    default of ``device`` ("cpu", "cuda" or "cuda:N")."""
+    defaults = cuda if device.startswith("cuda") else cpu
+    return {k: defaults[k] if options.get(k) is None else options[k] for k in defaults}

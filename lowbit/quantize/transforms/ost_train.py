@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,16 +35,17 @@ from tqdm.auto import tqdm
 from lowbit.calibrate.runner import capture_block_inputs
 from lowbit.calibrate.windows import calibration_windows
 from lowbit.errors import LowbitError
-from lowbit.formats.hadamard import block_hadamard, random_signs
+from lowbit.formats.hadamard import block_hadamard
 from lowbit.formats.int import fake_quantize_ste
 from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.kernels.quant_linear import fake_quantize_activation
 from lowbit.models.arch import ArchTable, Geometry
-from lowbit.models.attention import KV_ATTR, KV_STE_ATTR, attention_modules
+from lowbit.models.attention import attention_modules, kv_cache_mode
 from lowbit.models.loading import get_module, set_module
-from lowbit.quantize.transforms.base import TRAINED, TrainContext, register
+from lowbit.quantize.transforms.base import TRAINED, TrainContext, device_defaults, register
 from lowbit.quantize.transforms.distill import LOSSES, head_loss, head_loss_backward
 from lowbit.quantize.transforms.ost import INITS, OstParams
+from lowbit.quantize.transforms.rotations import r4_rotation
 from lowbit.quantize.transforms.stiefel import RETRACTIONS, StiefelAdam, cosine_lr, orthogonality_error
 
 # What a run on 2 CPU cores can afford: SmolLM2-135M takes about 17 s a step of 2 x 512 tokens there, so 32 steps
@@ -75,8 +77,7 @@ class OstSettings:
     @classmethod
     def resolve(cls, device: str, **given: Any) -> "OstSettings":
         """Fill the options left None from the defaults of ``device`` ("cpu" or "cuda..."), and check them."""
-        defaults = {**COMMON_DEFAULTS, **(CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS)}
-        values = {k: (defaults[k] if given.get(k) is None else given[k]) for k in defaults}
+        values = device_defaults(given, device, {**COMMON_DEFAULTS, **CPU_DEFAULTS}, {**COMMON_DEFAULTS, **CUDA_DEFAULTS})
         s = cls(seed=int(given.get("seed") or 0), **values)
         for name in ("steps", "batch", "seqlen", "topk"):
             if getattr(s, name) < (2 if name == "seqlen" else 1):
@@ -143,8 +144,7 @@ def _later_r4(ctx: TrainContext, geometry: Geometry) -> tuple[int, torch.Tensor 
     """(block, signs) of an r4 the recipe lists after ost, or None."""
     for spec in ctx.later:
         if spec.name == "r4":
-            block = spec.block or geometry.intermediate
-            return block, (random_signs(block, spec.seed) if spec.random else None)
+            return r4_rotation(geometry, spec.block, spec.random, spec.seed)
     return None
 
 
@@ -158,60 +158,56 @@ def _quantizers(ctx: TrainContext) -> tuple[WeightScheme | None, ActScheme | Non
 
 
 class _Student:
-    """The model set up for training: StudentLinear modules in place of its block linears (restored by ``close``),
-    the teacher and student passes from the captured embedding outputs, and the loss between them.
+    """The model set up for training, as a context manager: StudentLinear modules in place of its block linears and
+    straight-through KV quantizers while inside (the model is restored on leaving), the teacher and student passes
+    from the captured embedding outputs, and the loss between them.
 
-    The quantizers are on in the student pass only: the switch for the linears, and the KV schemes of the attention
-    modules (set to None for the teacher).
+    The quantizers are on in the student pass only: the switch for the linears; the KV cache as installed (the
+    teacher runs with it off).
     """
 
     def __init__(self, model: nn.Module, table: ArchTable, params: OstParams, ctx: TrainContext,
                  r4: tuple[int, torch.Tensor | None] | None, s: OstSettings) -> None:
-        self.table, self.params, self.s = table, params, s
+        self.table, self.params, self.s, self.ctx, self.r4 = table, params, s, ctx, r4
+        self.model = model
         self.blocks = get_module(model, table.blocks)
         self.norm, self.head = get_module(model, table.final_norm), get_module(model, table.lm_head)
         self.switch = _Switch()
         self.attns = [m for _, m in attention_modules(model, table.blocks, table.attention)]
-        self.kv = [getattr(m, KV_ATTR, None) for m in self.attns]
-        self.flags = [(p, p.requires_grad) for p in model.parameters()]
-        self.originals = [(block, n, get_module(block, n)) for block in self.blocks for n in table.linears]
-        weights, act = _quantizers(ctx)
-        for p, _ in self.flags:
+        self.stack = ExitStack()
+
+    def __enter__(self) -> "_Student":
+        weights, act = _quantizers(self.ctx)
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        originals = [(block, n, get_module(block, n)) for block in self.blocks for n in self.table.linears]
+        self.stack.callback(lambda: [p.requires_grad_(flag) for p, flag in flags])
+        self.stack.callback(lambda: [set_module(block, n, linear) for block, n, linear in originals])
+        self.stack.enter_context(kv_cache_mode(self.attns, ste=True))
+        for p, _ in flags:
             p.requires_grad_(False)
-        for block, n, linear in self.originals:
-            set_module(block, n, StudentLinear(linear, self.switch, weights, act, r4 if n == table.down else None))
-        for m in self.attns:
-            setattr(m, KV_STE_ATTR, True)
+        for block, n, linear in originals:
+            r4 = self.r4 if n == self.table.down else None
+            set_module(block, n, StudentLinear(linear, self.switch, weights, act, r4))
+        return self
 
-    def close(self) -> None:
-        """Put the model back as it was (its linears, KV schemes and requires_grad flags)."""
-        self._quantize(False)
-        for block, n, linear in self.originals:
-            set_module(block, n, linear)
-        for m, scheme in zip(self.attns, self.kv):
-            setattr(m, KV_ATTR, scheme)
-            setattr(m, KV_STE_ATTR, False)
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-
-    def _quantize(self, on: bool) -> None:
-        self.switch.on = on
-        for m, scheme in zip(self.attns, self.kv):
-            setattr(m, KV_ATTR, scheme if on else None)
+    def __exit__(self, *exc: object) -> None:
+        self.switch.on = False
+        self.stack.close()
 
     @torch.no_grad()
     def teacher(self, h0: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
         """The float model's head input ``[b (L - 1), D]`` for the embedding outputs ``h0 [b, L, D]``."""
-        self._quantize(False)
+        self.switch.on = False
         h = h0
-        for block in self.blocks:
-            out = block(h, **kw)
-            h = out[0] if isinstance(out, tuple) else out
+        with kv_cache_mode(self.attns, quantize=False):
+            for block in self.blocks:
+                out = block(h, **kw)
+                h = out[0] if isinstance(out, tuple) else out
         return self.norm(h)[:, :-1].reshape(-1, h.shape[-1])
 
     def student(self, h0: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
         """The transformed, fake-quantized model's head input ``[b (L - 1), D]`` (float32; a graph to the params)."""
-        self._quantize(True)
+        self.switch.on = True
         R1 = self.params.R1.float()
         h = h0.float() @ R1
         for i, block in enumerate(self.blocks):
@@ -256,26 +252,25 @@ def train_ost(model: nn.Module, table: ArchTable, geometry: Geometry, ctx: Train
     model.to(device)
     params.to(device)
     losses: list[float] = []
-    student = _Student(model, table, params, ctx, _later_r4(ctx, geometry), s)
     try:
-        held_before = student.loss(held_in.hidden[0], held_in.kwargs[0], held.to(device), backward=False)
-        rot = StiefelAdam(params.rotations(), lr=s.lr, retraction=s.retraction)
-        sca = torch.optim.Adam(params.scales(), lr=s.scale_lr)
-        bar = tqdm(range(s.steps), desc="ost", unit="step", disable=not ctx.progress)
-        for step in bar:
-            for opt, lr in ((rot, s.lr), (sca, s.scale_lr)):
-                for group in opt.param_groups:
-                    group["lr"] = cosine_lr(step, s.steps, lr)
-            ids = windows[step * s.batch : (step + 1) * s.batch].to(device)
-            losses.append(student.loss(inputs.hidden[step], inputs.kwargs[step], ids, backward=True))
-            rot.step()
-            sca.step()
-            rot.zero_grad(set_to_none=True)
-            sca.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        held_after = student.loss(held_in.hidden[0], held_in.kwargs[0], held.to(device), backward=False)
+        with _Student(model, table, params, ctx, _later_r4(ctx, geometry), s) as student:
+            held_before = student.loss(held_in.hidden[0], held_in.kwargs[0], held.to(device), backward=False)
+            rot = StiefelAdam(params.rotations(), lr=s.lr, retraction=s.retraction)
+            sca = torch.optim.Adam(params.scales(), lr=s.scale_lr)
+            bar = tqdm(range(s.steps), desc="ost", unit="step", disable=not ctx.progress)
+            for step in bar:
+                for opt, lr in ((rot, s.lr), (sca, s.scale_lr)):
+                    for group in opt.param_groups:
+                        group["lr"] = cosine_lr(step, s.steps, lr)
+                ids = windows[step * s.batch : (step + 1) * s.batch].to(device)
+                losses.append(student.loss(inputs.hidden[step], inputs.kwargs[step], ids, backward=True))
+                rot.step()
+                sca.step()
+                rot.zero_grad(set_to_none=True)
+                sca.zero_grad(set_to_none=True)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            held_after = student.loss(held_in.hidden[0], held_in.kwargs[0], held.to(device), backward=False)
     finally:
-        student.close()
         model.to("cpu")
     params.to("cpu")
     params.fuse(model)

@@ -136,12 +136,17 @@ def rotate_down(
     model: PreTrainedModel, table: ArchTable, geometry: Geometry, random: bool, seed: int, block: int | None
 ) -> None:
     """R4: ``x <- x Q`` in front of down_proj (an ``R4_input`` child) and ``W_down <- W_down Q``."""
-    b = block or geometry.intermediate
-    s = _signs(b, random, seed)
+    b, s = r4_rotation(geometry, block, random, seed)
     for layer in get_module(model, table.blocks):
         down = get_module(layer, table.down)
         _update(down.weight, lambda W: rotate_input_side(W, b, s))
         set_module(layer, table.down, TransformedLinear.wrap(down, f"R4_{INPUT}", OnlineHadamard(b, s)))
+
+
+def r4_rotation(geometry: Geometry, block: int | None, random: bool, seed: int) -> tuple[int, torch.Tensor | None]:
+    """(order, signs or None) of R4's block-diagonal Hadamard: ``block``, else the full MLP width."""
+    b = block or geometry.intermediate
+    return b, _signs(b, random, seed)
 
 
 def rotation_sizes(name: str, geometry: Geometry, block: int | None) -> list[tuple[str, int]]:
