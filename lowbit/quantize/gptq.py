@@ -25,7 +25,7 @@ from lowbit.formats.scheme import WeightScheme
 from lowbit.native import gptq_columns
 from lowbit.quantize.options import RoundingOptions
 from lowbit.quantize.refit import refit_group_scales
-from lowbit.quantize.rounding import RoundResult, register_rounder
+from lowbit.quantize.rounding import RoundResult, register_rounder, start_positions
 from lowbit.quantize.rtn import from_values, rtn_weight
 
 DAMP_STEP = 0.01  # GPTQModel's damp_auto_increment
@@ -159,14 +159,18 @@ def _gptq(
         clip = mse_clip(W, scheme, precision, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride) if search else 1.0
         params = compute_params(W, scheme, precision.scale_dtype, clip)
 
-    values, params, loss = _column_loop(W, U, perm, scheme, precision, options, params, threads)
+    values, params, loss, residual = _column_loop(W, U, perm, scheme, precision, options, params, threads)
     total = float(loss.sum())
     if not torch.isfinite(torch.tensor(total)):
         return RoundResult(rtn_weight(W, scheme, precision, options), None, "GPTQ loss not finite: fell back to RTN")
+    positions = None
+    if scheme.is_plain_int:  # the compensated weight each code was rounded from, in units of the grid it was rounded on
+        positions = start_positions(values, values + residual / expand_groups(params.scale, in_f))
+    del residual
     if options.refit_scales and scheme.is_plain_int and scheme.strategy in ("group", "channel"):
         with _num_threads(threads):
             params = GridParams(refit_group_scales(W, H, values, params.scale, params.zero, precision.scale_dtype), params.zero)
-    return RoundResult(from_values(values, params, scheme, precision), total, note, loss)
+    return RoundResult(from_values(values, params, scheme, precision), total, note, loss, positions)
 
 
 def _column_loop(
@@ -179,11 +183,12 @@ def _column_loop(
     params: GridParams | None,
     threads: int = 1,
     native_loop: bool = True,
-) -> tuple[torch.Tensor, GridParams, torch.Tensor]:
+) -> tuple[torch.Tensor, GridParams, torch.Tensor, torch.Tensor]:
     """GPTQ's column loop on rows ``W [rows, in]`` (float32, natural column order) with the upper inverse
     factor ``U [in, in]`` in processing order ``perm``, on static grid ``params`` of these rows, or with
     plain-int group scales computed on the fly when ``params`` is None. Returns (grid values float32
-    ``[rows, in]`` at natural indices (formats/grid.py), the parameters, loss per row float32 ``[rows]``).
+    ``[rows, in]`` at natural indices (formats/grid.py), the parameters, loss per row float32 ``[rows]``, and the
+    residual float32 ``[rows, in]``: each compensated weight minus its dequantized value, ``w' - w_hat``).
 
     Each block's columns run in C on ``threads`` row slices (native/gptq_columns.py: the same bits,
     without torch's per-op dispatch, which set the torch loop's speed) for the plain int grid when the
@@ -209,6 +214,7 @@ def _column_loop(
         z_all = None if zero is None else expand_groups(zero, in_f)[:, perm].float().expand(out_f, -1)
     codes = torch.empty(out_f, in_f, device=W.device)  # grid values (formats/grid.py), at natural column indices
     loss = torch.zeros(out_f, device=W.device)
+    residual = torch.empty(out_f, in_f, device=W.device)  # w' - w_hat = scaled error times U's diagonal
 
     def start_group(W1T: torch.Tensor, i: int, i1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """On-the-fly scale (and zero) ``[rows]`` of the group starting at block column ``i``, from the
@@ -245,9 +251,10 @@ def _column_loop(
             Q1, E1 = _block_torch(W1T, U1, i1, s_cols if static else None, z_cols if static else None,
                                   params if generic else None, scheme, precision, gs, start_group)
         codes[:, perm[i1:i2]] = Q1
+        residual[:, perm[i1:i2]] = E1 * U1.diagonal()
         loss += E1.square().sum(dim=1) / 2  # sum (w - q)^2 / d^2 / 2
         Wp[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of all later columns
-    return codes, params if params is not None else GridParams(scale, zero), loss
+    return codes, params if params is not None else GridParams(scale, zero), loss, residual
 
 
 def _block_torch(

@@ -1,4 +1,4 @@
-"""The options of a recipe's stages: rounding (RTN, GPTQ) and bit allocation (BAQ).
+"""The options of a recipe's stages: rounding (RTN, GPTQ), trained rounding (DiscQuant, LR-QAT), bit allocation (BAQ).
 
 Their own module so that the rounding methods, which take these options, and the recipe, which holds them
 and looks the methods up, import in one direction: options <- methods <- recipe.
@@ -13,6 +13,7 @@ from lowbit.formats.scheme import INT_BITS
 
 
 ORDERS = ("actorder", "gar", "natural")
+STARTS = ("gptq", "rtn")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class RoundingOptions:
             k - 1 neighbours on each side of the best (formats/int.py ``mse_clip``): 26 of 80 at k = 4.
         refit_scales: after GPTQ, refit each row's group scales by least squares on its output error
             ``(w - w_hat)^T H (w - w_hat)`` with the codes fixed (quantize/refit.py); plain int grids.
+        start: DiscQuant's grid and starting rounding: "gptq" (the options above) or "rtn" (round to nearest,
+            with the clipping search when ``mse_clip``).
     """
 
     damp: float = 0.01
@@ -45,14 +48,76 @@ class RoundingOptions:
     clip_norm: float = 2.4
     clip_stride: int = 1
     refit_scales: bool = False
+    start: str = "gptq"
 
     def __post_init__(self) -> None:
+        if self.start not in STARTS:
+            raise LowbitError(f"unknown rounding start {self.start!r}; valid: {', '.join(STARTS)}")
         if self.order not in ORDERS:
             raise LowbitError(f"unknown rounding order {self.order!r}; valid: {', '.join(ORDERS)}")
         if self.order == "actorder" and not self.static_groups:
             raise LowbitError("order 'actorder' needs static_groups: true (the checkpoint keeps the natural group index)")
         if not 0 <= self.damp < 1 or self.block_size < 1 or not 0 < self.max_shrink < 1 or self.clip_grid < 1 or self.clip_stride < 1:
             raise LowbitError("rounding options out of range: 0 <= damp < 1, block_size >= 1, 0 < max_shrink < 1, clip_grid >= 1, clip_stride >= 1")
+
+
+INITS = ("position", "random")
+TRAIN_LOSSES = ("kl", "ce")
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """Options of the rounding methods trained through the model's output (quantize/finetune.py): DiscQuant
+    ("disc") and LR-QAT ("lrqat"). ``None`` takes the method's default for the device (docs/RECIPES.md).
+
+    Attributes:
+        steps, batch, seqlen: optimizer steps, windows per step and tokens per window.
+        lr: learning rate of the trained variables (DiscQuant's x, LR-QAT's A and B).
+        scale_lr: LR-QAT's learning rate of the quantizer scales (0 freezes them).
+        warmup: linear warm-up steps of the learning rate (then DiscQuant decays by a cosine, LR-QAT linearly).
+        loss: "kl" (KL of the float model's next-token distribution to the quantized one's, full vocabulary) or
+            "ce" (next-token cross-entropy of the quantized model, no teacher).
+        init: DiscQuant's start of x: "position" (each weight's position between its two grid points, which
+            rounds to the starting rounding) or "random" (uniform in [0, 1], the released code's default).
+        rho, clamp: DiscQuant's gradient of the scaled KL is multiplied by ``rho`` and clamped to
+            ``[-clamp, clamp]`` before the rounding term is added.
+        weight_decay: DiscQuant's AdamW weight decay (PyTorch's default 0.01 in the released code).
+        rank, alpha: LR-QAT's adapter rank r and scaling alpha (``Z = Phi + alpha / r A B``).
+        seed: seeds the training windows and the random starts; None: the run's seed.
+    """
+
+    steps: int | None = None
+    batch: int | None = None
+    seqlen: int | None = None
+    lr: float | None = None
+    scale_lr: float | None = None
+    warmup: int | None = None
+    loss: str | None = None
+    init: str = "position"
+    rho: float | None = None
+    clamp: float | None = None
+    weight_decay: float | None = None
+    rank: int = 32
+    alpha: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, least in (("steps", 0), ("batch", 1), ("seqlen", 2), ("warmup", 0), ("rank", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise LowbitError(f"training.{name} must be an integer >= {least}, got {value}")
+        for name in ("lr", "rho", "clamp", "alpha"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise LowbitError(f"training.{name} must be > 0, got {value}")
+        for name in ("scale_lr", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise LowbitError(f"training.{name} must be >= 0, got {value}")
+        if self.loss is not None and self.loss not in TRAIN_LOSSES:
+            raise LowbitError(f"training.loss must be one of {', '.join(TRAIN_LOSSES)}, got {self.loss!r}")
+        if self.init not in INITS:
+            raise LowbitError(f"training.init must be one of {', '.join(INITS)}, got {self.init!r}")
 
 
 SENSITIVITIES = ("fisher", "hessian")

@@ -44,7 +44,8 @@ from lowbit.models.loading import (
 from lowbit.native import gptq_columns
 from lowbit.quantize import baq
 from lowbit.quantize.destination import check_destination, remove_leftovers
-from lowbit.quantize.methods import ROUNDERS
+from lowbit.quantize.finetune import Settings, Start, finetune
+from lowbit.quantize.methods import ROUNDERS, TRAINERS
 from lowbit.quantize.output import write_output
 from lowbit.quantize.recipe import Recipe, load_recipe
 from lowbit.quantize.results import LayerResult, QuantizeResult
@@ -139,6 +140,7 @@ def quantize_block(
     allocated: dict[str, WeightScheme] | None = None,
     timings: dict[str, float] | None = None,
     geometry: Geometry | None = None,
+    keep: dict[str, Start] | None = None,
 ) -> tuple[list[torch.Tensor], list[LayerResult]]:
     """Quantize the linears of one block in place, true-sequentially; return its outputs and per-layer results.
 
@@ -149,6 +151,8 @@ def quantize_block(
             symmetry where the allocation chooses them), overriding the recipe's.
         timings: if given, the seconds spent in the rounding method are added to its "rounding" entry.
         geometry: the model's sizes, needed by a block-level transform (SmoothQuant) of the recipe.
+        keep: if given, each layer's float weight and rounding result are stored in it under the full layer
+            name (the start of a trained rounding, quantize/finetune.py).
     """
     method = ROUNDERS[recipe.method]
     results: list[LayerResult] = []
@@ -202,6 +206,8 @@ def quantize_block(
                 )
             )
             set_module(block, n, ql)
+            if keep is not None:
+                keep[f"{prefix}.{n}"] = Start(W, res)
 
     before = None if geometry is None else stage_hook(block, table, geometry, recipe.transforms)
     outputs = run_block_staged(block, table, inputs, on_group, before)
@@ -370,6 +376,8 @@ def quantize_model(
     blocks = get_module(fmodel, table.blocks)
     layers: list[LayerResult] = []
     learner = block_trained(recipe.transforms)
+    trainer = TRAINERS.get(recipe.method)
+    starts: dict[str, Start] | None = {} if trainer is not None else None
     fp_stream = list(inputs.hidden) if learner is not None else None  # the float model's block inputs (targets)
     block_reports: list[dict[str, object]] = []
     trained_s = 0.0  # the block-trained transform's share of the loop: counted under "transform", not "blocks"
@@ -382,7 +390,7 @@ def quantize_model(
             block_reports.append(train_block(block, table, geometry, learner, inputs, fp_stream, ctx))
             trained_s += time.perf_counter() - t2
         outputs, results = quantize_block(
-            block, f"{table.blocks}.{i}", inputs, table, recipe, precision, base, allocated, timings, geometry
+            block, f"{table.blocks}.{i}", inputs, table, recipe, precision, base, allocated, timings, geometry, starts
         )
         blocks[i] = block.to("cpu")
         inputs.hidden = outputs
@@ -394,6 +402,22 @@ def quantize_model(
 
     calib_info = {"source": str(calib) if calib else "default", "samples": samples, "seqlen": calib_seqlen, "seed": seed}
     extra: dict[str, object] = {} if rates is None else {"baq_closed_form_rates": rates}
+    if trainer is not None and starts is not None:
+        t1 = time.perf_counter()
+        settings = Settings.resolve(recipe.training, device, seed, trainer.cpu, trainer.cuda)
+        report = finetune(fmodel, table, starts, trainer, settings, texts, tokenizer, device, progress)
+        for r in layers:
+            if r.name in starts:
+                W_hat = get_module(fmodel, r.name).quantized_weight().dequantize(torch.float32)
+                W = starts[r.name].weight.float()
+                r.weight_rel_err = float((W - W_hat).norm() / W.norm().clamp_min(1e-30))
+                r.output_rel_err = report.output_errors[r.name]
+                r.note = "; ".join(x for x in (r.note, f"{trainer.name}: codes trained from this start, output error "
+                                                      "on the held-out windows") if x)
+        del starts
+        release_free_heap()
+        extra["trained_rounding"] = report.to_dict()
+        timings["training"] = time.perf_counter() - t1
     if block_reports:
         trained[learner.name] = block_reports  # type: ignore[union-attr]
     if trained:

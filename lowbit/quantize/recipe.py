@@ -20,8 +20,8 @@ import yaml
 from lowbit.errors import LowbitError
 from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import ActScheme, WeightScheme
-from lowbit.quantize.methods import ROUNDERS
-from lowbit.quantize.options import BAQOptions, RoundingOptions
+from lowbit.quantize.methods import ROUNDERS, TRAINERS
+from lowbit.quantize.options import BAQOptions, RoundingOptions, TrainingOptions
 from lowbit.quantize.transforms.apply import check_recipe
 from lowbit.quantize.transforms.spec import TransformSpec
 
@@ -40,6 +40,7 @@ class Recipe:
         activations: dynamic activation scheme of every quantized linear, or None (weight-only).
         method: rounding method, a key of ``lowbit.quantize.rounding.ROUNDERS``.
         rounding: the rounding method's options.
+        training: the options of a method trained through the model's output ("disc", "lrqat"; finetune.py).
         baq: bit allocation; when set, each layer's width comes from BAQ and ``weights.bits`` is the
             reference width of its sensitivity measurement.
         scale_dtype: dtype the float scales are stored in; "auto" is the model dtype for 16-bit models and
@@ -59,6 +60,7 @@ class Recipe:
     activations: ActScheme | None = None
     method: str = "rtn"
     rounding: RoundingOptions = field(default_factory=RoundingOptions)
+    training: TrainingOptions = field(default_factory=TrainingOptions)
     baq: BAQOptions | None = None
     scale_dtype: str = "auto"
     ignore: tuple[str, ...] = ("lm_head",)
@@ -68,6 +70,10 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.method not in ROUNDERS:
             raise LowbitError(f"unknown rounding method {self.method!r}; valid: {', '.join(sorted(ROUNDERS))}")
+        if self.method in TRAINERS and not self.weights.is_plain_int:
+            raise LowbitError(f"{self.method} trains integer codes: weights must be an int grid with float scales, not {self.weights.name}")
+        if self.method == "lrqat" and (not self.weights.symmetric or self.baq is not None):
+            raise LowbitError("lrqat needs symmetric int weights (its fixed-point base is signed) and no BAQ")
         if self.scale_dtype not in SCALE_DTYPES:
             raise LowbitError(f"unknown scale_dtype {self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
         if self.baq is not None and not self.weights.is_plain_int:
@@ -112,6 +118,8 @@ GPTQ_BEST = RoundingOptions(order="gar", static_groups=False, mse_clip=True, cli
 ROT_FUSED = (TransformSpec("fold_norms"), TransformSpec("r1"), TransformSpec("r2"))
 # OSTQuant's learned transforms, fused (transforms/ost.py): the norm gains must be folded first.
 OST_FUSED = (TransformSpec("fold_norms"), TransformSpec("ost"))
+INT4_G64 = WeightScheme(bits=4, strategy="group", group_size=64, symmetric=True)
+INT3_G64 = WeightScheme(bits=3, strategy="group", group_size=64, symmetric=True)
 INT8_CHANNEL = WeightScheme(bits=8, strategy="channel", group_size=None, symmetric=True)
 # QuaRot's W4A4KV4 clipping: 0.9 on the activations, 0.95 on K and V (ALGORITHMS.md 12.1, item 6).
 A4_TOKEN = ActScheme(bits=4, symmetric=False, clip_ratio=0.9)
@@ -185,6 +193,18 @@ PRESETS: dict[str, Recipe] = {
                "dominant), trained with learned clipping to match the float block through INT4 weight fake-quant, "
                "folded; then w4a16 (GPTQ, its own clipping); a plain compressed-tensors checkpoint", INT4_G128, method=GPTQ,
                rounding=GPTQ_BEST, transforms=(TransformSpec("affine"),)),
+        Recipe("w3a16-disc", "INT3 symmetric group-64 weights: GPTQ's grid and rounding, then DiscQuant: every code "
+               "chosen between its two grid neighbours by distillation through the whole model; a plain integer checkpoint",
+               INT3_G64, method="disc", rounding=GPTQ_BEST),
+        Recipe("w4a16-disc", "INT4 symmetric group-64 weights: GPTQ's grid and rounding refined by DiscQuant (as w3a16-disc)",
+               INT4_G64, method="disc", rounding=GPTQ_BEST),
+        Recipe("w2a16-disc", "INT2 asymmetric group-64 weights: GPTQ's grid and rounding refined by DiscQuant (as w3a16-disc)",
+               WeightScheme(bits=2, strategy="group", group_size=64, symmetric=False), method="disc", rounding=GPTQ_BEST),
+        Recipe("w3a16-rot-disc", "R1 + R2 Hadamard rotations fused into the weights, then w3a16-disc; a plain "
+               "compressed-tensors checkpoint", INT3_G64, method="disc", rounding=GPTQ_BEST, transforms=ROT_FUSED),
+        Recipe("w4a16-lrqat", "INT4 symmetric group-64 weights: RTN on the LP-4 range, then LR-QAT: rank-32 adapters in "
+               "the integer domain and the scales trained by distillation, merged into the codes; a plain integer checkpoint",
+               INT4_G64, method="lrqat"),
         Recipe("w4a8-fp8", "FireQ: INT4 symmetric group-128 weights with E4M3 group scales and a power-of-two tensor "
                "scale, GPTQ; FP8 E4M3 dynamic per-token activations",
                WeightScheme("int", 4, "group", 128, scale_format="e4m3"), ActScheme(format="float"),
@@ -241,7 +261,7 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise LowbitError(f"a recipe must be a mapping, got {type(data).__name__}")
     d = dict(data)
     for key, cls in (("weights", WeightScheme), ("activations", ActScheme), ("rounding", RoundingOptions),
-                     ("baq", BAQOptions), ("kv_cache", ActScheme)):
+                     ("training", TrainingOptions), ("baq", BAQOptions), ("kv_cache", ActScheme)):
         if d.get(key) is not None:
             d[key] = _build(cls, d[key], f"recipe.{key}")
     if isinstance(d.get("transforms"), list):

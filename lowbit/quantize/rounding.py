@@ -27,12 +27,28 @@ class RoundResult:
         loss: the method's own objective where it has one (GPTQ: ``sum (w - q)^2 / [H^-1]_jj^2 / 2``).
         note: what went differently from the plan (damping escalated, fallback to RTN...), for the report.
         row_loss: the objective per output row, float32 ``[out]`` (sums to ``loss``), where the method has one.
+        positions: plain int grids: float32 ``[out, in]``, the continuous value each code was rounded from, in
+            code units (zero point included), within half a step of the code (:func:`start_positions`): where a
+            trained rounding (DiscQuant) starts from. None for other grids.
     """
 
     qweight: QuantizedWeight
     loss: float | None = None
     note: str | None = None
     row_loss: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+# How far inside its code's rounding interval a position is kept: round(position) is the code, ties excluded.
+HALF_STEP = 0.4999
+
+
+def start_positions(values: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """The positions of :class:`RoundResult`: ``raw`` (what the method rounded, in code units, float32 ``[out, in]``)
+    moved to within :data:`HALF_STEP` of its code ``values`` (same shape), so that ``round(position) == values``
+    exactly, even where the code was clamped to the grid's ends or a float error put ``raw`` on the other side of
+    a tie."""
+    return values + (raw - values).clamp(-HALF_STEP, HALF_STEP)
 
 
 class RoundFn(Protocol):
@@ -92,6 +108,7 @@ def round_together(
         stop = start + W.shape[0]
         row_loss = None if res.row_loss is None else res.row_loss[start:stop]
         loss = None if row_loss is None else float(row_loss.sum())
-        out.append(RoundResult(res.qweight.rows(start, stop), loss, res.note, row_loss))
+        positions = None if res.positions is None else res.positions[start:stop]
+        out.append(RoundResult(res.qweight.rows(start, stop), loss, res.note, row_loss, positions))
         start = stop
     return out

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats.grid import GridParams, compute_params, round_values, values_to_codes
-from lowbit.formats.int import mse_clip
+from lowbit.formats.int import expand_groups, mse_clip
 from lowbit.formats.precision import Precision
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import WeightScheme
 from lowbit.quantize.options import RoundingOptions
-from lowbit.quantize.rounding import RoundResult, register_rounder
+from lowbit.quantize.rounding import RoundResult, register_rounder, start_positions
 
 
 def rtn_weight(
@@ -43,5 +43,15 @@ def rtn(
     precision: Precision = Precision(),
     options: RoundingOptions | None = None,
 ) -> RoundResult:
-    """The registered RTN method; ``H`` is ignored."""
-    return RoundResult(rtn_weight(W, scheme, precision, options))
+    """The registered RTN method; ``H`` is ignored. Plain int grids also return the positions ``W / s + z``."""
+    qw = rtn_weight(W, scheme, precision, options)
+    return RoundResult(qw, positions=grid_positions(W, qw) if qw.scheme.is_plain_int else None)
+
+
+def grid_positions(W: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """Where each weight of ``W [out, in]`` lies on ``qw``'s plain int grid, in code units (``W / s + z``, float32
+    ``[out, in]``), kept within half a step of its code (rounding.start_positions)."""
+    raw = W.float() / expand_groups(qw.scale, W.shape[1])
+    if qw.zero is not None:
+        raw = raw + expand_groups(qw.zero, W.shape[1]).float()
+    return start_positions(qw.codes.float(), raw)

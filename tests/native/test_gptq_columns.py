@@ -72,6 +72,7 @@ def test_native_loop_equals_torch_loop_bit_for_bit(
     if ref[1].zero is not None:
         assert torch.equal(out[1].zero, ref[1].zero)
     assert torch.equal(out[2], ref[2])
+    assert torch.equal(out[3], ref[3])
 
 
 def _tie_points(dtype: torch.dtype, n: int, g: torch.Generator) -> torch.Tensor:

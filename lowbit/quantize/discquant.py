@@ -1,0 +1,144 @@
+"""DiscQuant: each weight's rounding decided by the model's output distribution (ALGORITHMS.md 5).
+
+On the grid of the starting rounding (GPTQ, or RTN with clipping; any plain int scheme) every weight has two
+candidate codes, ``down`` and ``up = down + 1``, and one interpolation variable ``x`` in [0, 1]:
+
+    W(x) = s (down + x - z)            (s, z: its group's scale and zero point; codes include z)
+
+``y``, the weight's position between its two codes (from the starting rounding's positions,
+quantize/rounding.py), starts ``x`` (or ``x ~ U[0, 1]``, the released code's default) and defines the linear
+rounding term ``-<c, x>``, ``c = 2 y - 1``. Training minimises ``KL(p_float || p_x) / delta^2`` (finetune.py), with
+``delta^2`` the mean over layers of ``12 mean((W_start - W)^2)``, the squared step of uniform rounding noise. As in
+the released code the rounding term acts on the gradient:
+
+    x.grad <- -c + clamp(rho * dKL/dx / delta^2, -clamp, clamp)
+
+then AdamW (weight decay 0.01 by default), then ``x <- clamp(x, 0, 1)``. The codes are ``round(down + x)``:
+with no step and the positional start, exactly the starting rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.formats.int import expand_groups
+from lowbit.formats.qtensor import QuantizedWeight
+from lowbit.formats.precision import Precision
+from lowbit.formats.scheme import WeightScheme
+from lowbit.kernels.quant_linear import QuantLinear
+from lowbit.quantize.finetune import Settings, Start, Switch, TrainedLinear, Trainer, register_trainer
+from lowbit.quantize.gptq import gptq
+from lowbit.quantize.options import RoundingOptions
+from lowbit.quantize.rounding import RoundResult, register_rounder
+from lowbit.quantize.rtn import rtn
+
+
+@register_rounder("disc", needs_hessian=True)
+def disc_start(
+    W: torch.Tensor, H: torch.Tensor | None, scheme: WeightScheme, precision: Precision = Precision(),
+    options: RoundingOptions | None = None,
+) -> RoundResult:
+    """DiscQuant's starting rounding of ``W [out, in]``: GPTQ (``options.start == "gptq"``, needs ``H``) or RTN with
+    the options' clipping; the model-level training (finetune.py) then decides each code between its two grid
+    neighbours."""
+    options = options or RoundingOptions()
+    if options.start == "rtn":
+        return rtn(W, None, scheme, precision, options)
+    return gptq(W, H, scheme, precision, options)
+
+
+class DiscLinear(TrainedLinear):
+    """The twin of one QuantLinear: ``W(x) = s (down + x - z)`` with ``x`` float32 ``[out, in]`` in [0, 1].
+
+    Buffers: ``down`` int8 ``[out, in]`` (the lower candidate code, zero point included, in [qmin, qmax - 1]),
+    ``c`` bfloat16 ``[out, in]`` (``2 y - 1``: only the gradient uses it); the scales and zero points are the
+    start's (``[out, G]``), expanded per forward.
+    """
+
+    def __init__(self, ql: QuantLinear, start: Start, switch: Switch, init: str, generator: torch.Generator) -> None:
+        super().__init__(ql, start, switch)
+        qw, p = start.result.qweight, start.result.positions
+        if p is None:
+            raise ValueError("DiscQuant needs the starting rounding's positions (plain int grids)")
+        scheme = qw.scheme
+        down = p.floor().clamp(scheme.qmin, scheme.qmax - 1)
+        y = (p - down).clamp(0.0, 1.0)  # float32 [out, in]; round(down + y) is the starting code
+        self.register_buffer("down", down.to(torch.int8), persistent=False)
+        self.register_buffer("c", (2 * y - 1).to(torch.bfloat16), persistent=False)
+        x0 = y if init == "position" else torch.rand(y.shape, generator=generator)
+        self.x = nn.Parameter(x0.contiguous())
+
+    def _codes(self, x: torch.Tensor) -> torch.Tensor:
+        """``down + x - z``, float32 ``[out, in]``."""
+        q = self.down.float() + x
+        if self.qweight.zero is not None:
+            q = q - expand_groups(self.qweight.zero.to(q.device), q.shape[1]).float()
+        return q
+
+    def student_weight(self) -> torch.Tensor:
+        return self._codes(self.x) * expand_groups(self.qweight.scale.to(self.x.device), self.x.shape[1])
+
+    def merged(self) -> QuantizedWeight:
+        s = self.qweight.scheme
+        codes = torch.round(self.down.float() + self.x.detach()).clamp(s.qmin, s.qmax).to(torch.int8).cpu()
+        return QuantizedWeight(codes, self.qweight.scale, self.qweight.zero, s, self.qweight.precision)
+
+    @torch.no_grad()
+    def round_(self) -> None:
+        """Set ``x`` to its rounding (0 or 1): the student then computes exactly what :meth:`merged` stores."""
+        self.x.copy_(torch.round(self.x))
+
+
+def rounding_noise(twins: list[TrainedLinear]) -> float:
+    """``delta^2``: the mean over layers of ``12 mean((W_start - W)^2)`` (uniform rounding noise of step delta)."""
+    values = [12 * float((t.qweight.dequantize(torch.float32) - t.teacher_weight.float().cpu()).square().mean()) for t in twins]
+    return sum(values) / max(len(values), 1)
+
+
+class DiscTrainer(Trainer):
+    """DiscQuant's variables, gradient and projection (module docstring).
+
+    Device defaults: on a GPU the released README's setting (windows of 2048 tokens, 8 per step, 128 steps = its
+    1024 windows; lr 0.05, clamp 0.5, rho 200; warm-up over the whole run, as its 128-step warm-up turns out,
+    ALGORITHMS.md 5.4). On 2 CPU cores a short run: the budget is set by a SmolLM2 preset's 45 minutes
+    (BENCHMARKS.md, issue 16), a higher learning rate and a short warm-up so that x moves in that many steps.
+    """
+
+    name = "disc"
+    cpu = {"steps": 48, "batch": 2, "seqlen": 512, "lr": 0.05, "scale_lr": 0.0, "warmup": 4, "loss": "kl",
+           "rho": 200.0, "clamp": 0.5, "weight_decay": 0.01, "schedule": "cosine"}
+    cuda = {"steps": 128, "batch": 8, "seqlen": 2048, "lr": 0.05, "scale_lr": 0.0, "warmup": 128, "loss": "kl",
+            "rho": 200.0, "clamp": 0.5, "weight_decay": 0.01, "schedule": "cosine"}
+
+    def __init__(self) -> None:
+        self.delta2 = 1.0
+
+    def wrap(self, ql: QuantLinear, start: Start, switch: Switch, s: Settings, generator: torch.Generator) -> TrainedLinear:
+        return DiscLinear(ql, start, switch, s.init, generator)
+
+    def optimizer(self, twins: list[TrainedLinear], s: Settings) -> torch.optim.Optimizer:
+        self.delta2 = max(rounding_noise(twins), 1e-30)
+        return torch.optim.AdamW([t.x for t in twins], lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)  # type: ignore[union-attr]
+
+    def before_step(self, twins: list[TrainedLinear], s: Settings) -> None:
+        for t in twins:
+            assert isinstance(t, DiscLinear)
+            g = t.x.grad if t.x.grad is not None else torch.zeros_like(t.x)
+            t.x.grad = (g * (s.rho / self.delta2)).clamp_(-s.clamp, s.clamp).sub_(t.c.float())
+
+    def after_step(self, twins: list[TrainedLinear]) -> None:
+        with torch.no_grad():
+            for t in twins:
+                assert isinstance(t, DiscLinear)
+                t.x.clamp_(0.0, 1.0)
+
+    def describe(self, twins: list[TrainedLinear]) -> dict[str, Any]:
+        fractional = sum(int(((t.x > 0.01) & (t.x < 0.99)).sum()) for t in twins if isinstance(t, DiscLinear))
+        total = sum(t.x.numel() for t in twins if isinstance(t, DiscLinear))
+        return {"delta2": self.delta2, "x_fractional": fractional / max(total, 1)}
+
+
+register_trainer(DiscTrainer())

@@ -1,0 +1,355 @@
+"""Rounding trained through the model's output: the loop DiscQuant and LR-QAT share (ALGORITHMS.md 4, 5).
+
+The block loop first rounds every layer with the method's starting rounding (GPTQ or clipped RTN for DiscQuant,
+RTN on the LP-4 range for LR-QAT) and keeps, per layer, the float weight and that start (quantize/rounding.py
+``RoundResult``: codes, grid, positions). Then this loop replaces each QuantLinear by its method's trainable twin
+(a :class:`TrainedLinear`), trains the twins' variables on calibration windows and writes their merged integer
+codes (and, for LR-QAT, scales) back into the QuantLinear: the checkpoint is an ordinary integer checkpoint.
+
+Each step runs a batch of windows twice from the captured embedding outputs:
+
+* the teacher: the float model (each twin computes with its layer's float weight, no quantizer), no grad;
+* the student: the twins' current weights, the recipe's activation and KV-cache quantizers straight-through;
+  every block checkpointed (only its input is kept; its inside is recomputed in the backward pass).
+
+The loss is the KL of the teacher's next-token distribution to the student's over the full vocabulary (or the
+student's cross-entropy), mean over positions, with the head run a slice of positions at a time
+(transforms/distill.py), so ``[positions, vocab]`` logits never exist whole. Ctrl-C stops the run before anything
+is written (the pipeline writes only at its end, through a staging directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from lowbit.calibrate.runner import capture_block_inputs
+from lowbit.calibrate.stats import relative_output_error
+from lowbit.calibrate.windows import calibration_windows
+from lowbit.formats.qtensor import QuantizedWeight
+from lowbit.kernels.online import hook_linear_input, input_transform
+from lowbit.kernels.quant_linear import QuantLinear, fake_quantize_activation
+from lowbit.models.arch import ArchTable
+from lowbit.models.attention import attention_modules, kv_cache_mode
+from lowbit.models.loading import get_module, set_module
+from lowbit.quantize.options import TrainingOptions
+from lowbit.quantize.rounding import RoundResult
+from lowbit.quantize.transforms.distill import head_loss, head_loss_backward
+
+
+@dataclass
+class Start:
+    """One layer's starting point: its float weight ``[out, in]`` (model dtype, CPU) and the starting rounding."""
+
+    weight: torch.Tensor
+    result: RoundResult
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One training run's settings, every value resolved (recipe option, else the method's device default)."""
+
+    steps: int
+    batch: int
+    seqlen: int
+    lr: float
+    scale_lr: float
+    warmup: int
+    loss: str
+    init: str
+    rho: float
+    clamp: float
+    weight_decay: float
+    rank: int
+    alpha: float
+    schedule: str
+    seed: int
+
+    @classmethod
+    def resolve(cls, options: TrainingOptions, device: str, seed: int, cpu: dict[str, Any], cuda: dict[str, Any]) -> "Settings":
+        """``options`` with each None filled from ``cpu`` or ``cuda`` (by ``device``); ``seed`` where it gives none."""
+        defaults = cuda if device.startswith("cuda") else cpu
+        given = dataclasses.asdict(options)
+        values = {k: defaults[k] if given.get(k) is None else given[k] for k in defaults}
+        return cls(init=options.init, rank=options.rank, alpha=options.alpha,
+                   seed=seed if options.seed is None else options.seed, **values)
+
+
+class Switch:
+    """Whether the twins compute as the student (quantized) or the teacher (float); shared by one run's twins."""
+
+    on = False
+
+
+class TrainedLinear(nn.Module):
+    """A QuantLinear's trainable twin: the same online input transform, activation quantizer and bias, with the
+    weight the method trains (:meth:`student_weight`) or, as the teacher, the layer's float weight.
+
+    Args:
+        ql: the QuantLinear holding the starting rounding.
+        start: its float weight and starting rounding.
+        switch: student or teacher.
+    """
+
+    def __init__(self, ql: QuantLinear, start: Start, switch: Switch) -> None:
+        super().__init__()
+        self.register_buffer("teacher_weight", start.weight, persistent=False)  # [out, in], model dtype
+        self.online = input_transform(ql)
+        self.act, self.bias, self.switch = ql.act, ql.bias, switch
+        self.qweight = start.result.qweight
+
+    def student_weight(self) -> torch.Tensor:
+        """The weight the student computes with, float32 ``[out, in]`` (a graph to the trained variables)."""
+        raise NotImplementedError
+
+    def merged(self) -> QuantizedWeight:
+        """The trained rounding as integer codes and scales (the grid of the start)."""
+        raise NotImplementedError
+
+    def student(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's ``x [..., in] -> [..., out]`` after the online transform: what QuantLinear computes."""
+        if self.act is not None:
+            x = fake_quantize_activation(x, self.act, ste=True)
+        return F.linear(x, self.student_weight().to(x.dtype), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in] -> [..., out]``, as the student or the teacher."""
+        if self.online is not None:
+            x = self.online(x)
+        if self.switch.on:
+            return self.student(x)
+        return F.linear(x, self.teacher_weight.to(x.dtype), self.bias)
+
+
+class Trainer:
+    """What a trained rounding method supplies to the loop (subclassed by DiscQuant and LR-QAT).
+
+    Attributes:
+        name: the rounding method's name (a key of ROUNDERS).
+        cpu, cuda: the device defaults of :class:`Settings` (``schedule``: "cosine" or "linear" after the warm-up).
+    """
+
+    name = ""
+    cpu: dict[str, Any] = {}
+    cuda: dict[str, Any] = {}
+
+    def wrap(self, ql: QuantLinear, start: Start, switch: Switch, s: Settings, generator: torch.Generator) -> TrainedLinear:
+        """The trainable twin of ``ql``."""
+        raise NotImplementedError
+
+    def optimizer(self, twins: list[TrainedLinear], s: Settings) -> torch.optim.Optimizer:
+        """The optimizer of the twins' variables; each param group's "lr" is its peak learning rate."""
+        raise NotImplementedError
+
+    def before_step(self, twins: list[TrainedLinear], s: Settings) -> None:
+        """Edit the gradients after the backward pass (DiscQuant's rounding term, LR-QAT's norm clipping)."""
+
+    def after_step(self, twins: list[TrainedLinear]) -> None:
+        """Project the variables after the optimizer step (DiscQuant: ``x`` into [0, 1])."""
+
+    def describe(self, twins: list[TrainedLinear]) -> dict[str, Any]:
+        """Method-specific numbers for the report."""
+        return {}
+
+
+TRAINERS: dict[str, Trainer] = {}
+
+
+def register_trainer(trainer: Trainer) -> Trainer:
+    """Add ``trainer`` to :data:`TRAINERS` under its name."""
+    if trainer.name in TRAINERS:
+        raise ValueError(f"trainer {trainer.name!r} registered twice")
+    TRAINERS[trainer.name] = trainer
+    return trainer
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """The learning rate of ``step`` (0-based) as a fraction of the peak: a linear warm-up over ``warmup`` steps,
+    then a cosine or linear decay to 0 at ``steps`` (transformers' ``get_{cosine,linear}_schedule_with_warmup``)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+
+@dataclass
+class FinetuneReport:
+    """What training did: settings, loss per step, seconds, the held-out loss before and after, the share of codes
+    that differ from the starting rounding, each layer's relative output error with the final codes (measured on
+    the held-out windows), and the method's own numbers."""
+
+    method: str
+    settings: Settings
+    losses: list[float]
+    seconds: float
+    held_out_before: float
+    held_out_after: float
+    codes_changed: float
+    output_errors: dict[str, float]
+    extra: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's entry (without the seconds: the report file stays the same from run to run)."""
+        return {"method": self.method, "settings": dataclasses.asdict(self.settings), "losses": self.losses,
+                "held_out_loss_before": self.held_out_before, "held_out_loss_after": self.held_out_after,
+                "codes_changed": self.codes_changed, **self.extra}
+
+
+class _Distiller:
+    """Teacher and student passes of the model (twins in place) from the captured embedding outputs, and the loss."""
+
+    def __init__(self, model: nn.Module, table: ArchTable, switch: Switch, loss: str) -> None:
+        self.blocks = get_module(model, table.blocks)
+        self.norm, self.head = get_module(model, table.final_norm), get_module(model, table.lm_head)
+        self.attns = [m for _, m in attention_modules(model, table.blocks, table.attention)]
+        self.switch, self.loss_name = switch, loss
+
+    def _run(self, h: torch.Tensor, kw: dict[str, Any], grad: bool) -> torch.Tensor:
+        """The final norm's output ``[b (L - 1), D]`` (last position dropped) for embedding outputs ``h [b, L, D]``."""
+        for block in self.blocks:
+            if grad:
+                h = checkpoint(_block, block, h, kw, use_reentrant=False)
+            else:
+                h = _block(block, h, kw)
+        return self.norm(h)[:, :-1].reshape(-1, h.shape[-1])
+
+    @torch.no_grad()
+    def teacher(self, h0: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor | None:
+        """The float model's head input, or None for "ce" (no teacher)."""
+        if self.loss_name == "ce":
+            return None
+        self.switch.on = False
+        with kv_cache_mode(self.attns, quantize=False):
+            return self._run(h0, kw, grad=False)
+
+    def _head(self, u: torch.Tensor) -> torch.Tensor:
+        """The output head in float32, whatever the model's dtype."""
+        bias = self.head.bias
+        return F.linear(u.float(), self.head.weight.float(), None if bias is None else bias.float())
+
+    def loss(self, h0: torch.Tensor, kw: dict[str, Any], ids: torch.Tensor, backward: bool) -> float:
+        """The mean loss per position of one batch (``ids [b, L]``); with ``backward`` its gradients accumulate."""
+        u_teacher = self.teacher(h0, kw)
+        targets = ids[:, 1:].reshape(-1)
+        self.switch.on = True
+        try:
+            with kv_cache_mode(self.attns, ste=backward):
+                if not backward:
+                    with torch.no_grad():
+                        return head_loss(self._head, self._run(h0, kw, grad=False), u_teacher, targets, self.loss_name, 0)
+                u = self._run(h0, kw, grad=True)
+            value, grad = head_loss_backward(self._head, u, u_teacher, targets, self.loss_name, 0)
+            u.backward(grad)
+            return value
+        finally:
+            self.switch.on = False
+
+
+def _block(block: nn.Module, h: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    out = block(h, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def finetune(
+    model: nn.Module, table: ArchTable, starts: dict[str, Start], trainer: Trainer, s: Settings,
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, device: str = "cpu", progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> FinetuneReport:
+    """Train the rounding of every layer in ``starts`` (full module name -> start; each a QuantLinear in ``model``)
+    and write the merged codes back into those QuantLinears.
+
+    The training windows (``s.steps * s.batch`` of ``s.seqlen`` tokens) are cut from ``texts`` with ``s.seed``; the
+    held-out loss is measured on ``s.batch`` windows drawn with ``s.seed + 1`` before and after training.
+    """
+    t0 = time.perf_counter()
+    windows = calibration_windows(texts, tokenizer, max(1, s.steps) * s.batch, s.seqlen, s.seed)
+    held = calibration_windows(texts, tokenizer, s.batch, s.seqlen, s.seed + 1)
+    dev = torch.device(device)
+    inputs = capture_block_inputs(model, table, windows, s.batch, dev)
+    held_in = capture_block_inputs(model, table, held, s.batch, dev)
+    generator = torch.Generator().manual_seed(s.seed)
+    switch = Switch()
+    quantlinears = {name: get_module(model, name) for name in starts}
+    losses: list[float] = []
+    with ExitStack() as stack:
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        stack.callback(lambda: [p.requires_grad_(f) for p, f in flags])
+        for p, _ in flags:
+            p.requires_grad_(False)
+        twins = {name: trainer.wrap(ql, starts[name], switch, s, generator) for name, ql in quantlinears.items()}
+        stack.callback(lambda: [set_module(model, name, ql) for name, ql in quantlinears.items()])
+        for name, twin in twins.items():
+            set_module(model, name, twin)
+        stack.callback(lambda: model.to("cpu"))
+        model.to(dev)
+        distiller = _Distiller(model, table, switch, s.loss)
+        before = distiller.loss(held_in.hidden[0], held_in.kwargs[0], held.to(dev), backward=False)
+        opt = trainer.optimizer(list(twins.values()), s)
+        peaks = [group["lr"] for group in opt.param_groups]
+        bar = tqdm(range(s.steps), desc=trainer.name, unit="step", disable=not progress)
+        for step in bar:
+            for group, peak in zip(opt.param_groups, peaks):
+                group["lr"] = peak * lr_factor(step, s.steps, s.warmup, s.schedule)
+            ids = windows[step * s.batch : (step + 1) * s.batch].to(dev)
+            losses.append(distiller.loss(inputs.hidden[step], inputs.kwargs[step], ids, backward=True))
+            trainer.before_step(list(twins.values()), s)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            trainer.after_step(list(twins.values()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(step, losses[-1])
+        after = distiller.loss(held_in.hidden[0], held_in.kwargs[0], held.to(dev), backward=False)
+        del opt
+        extra = trainer.describe(list(twins.values()))
+        changed = total = 0
+        for name, twin in twins.items():
+            qw = twin.merged()
+            changed += int((qw.codes != starts[name].result.qweight.codes).sum())
+            total += qw.codes.numel()
+            quantlinears[name].set_quantized(qw)
+    errors = output_errors(model, {n: st.weight for n, st in starts.items()}, held_in.hidden[0], held_in.kwargs[0], table)
+    return FinetuneReport(trainer.name, s, losses, time.perf_counter() - t0, before, after, changed / max(total, 1),
+                          errors, extra)
+
+
+@torch.no_grad()
+def output_errors(model: nn.Module, weights: dict[str, torch.Tensor], h0: torch.Tensor, kw: dict[str, Any],
+                  table: ArchTable) -> dict[str, float]:
+    """``||X (W - W_hat)^T|| / ||X W^T||`` of each QuantLinear named in ``weights`` (its float weight ``[out, in]``),
+    with ``X`` its inputs when the blocks run on ``h0 [b, L, D]``."""
+    errors: dict[str, float] = {}
+    handles = []
+    device = h0.device
+
+    def measure(name: str, x: torch.Tensor) -> None:
+        X = x.reshape(-1, x.shape[-1]).float()
+        H = X.t() @ X / max(X.shape[0], 1)
+        ql = get_module(model, name)
+        errors[name] = relative_output_error(weights[name].to(device), ql.dequantized_weight().float(), H)
+
+    for name in weights:
+        handles.append(hook_linear_input(get_module(model, name), lambda x, name=name: measure(name, x)))
+    try:
+        model.to(device)
+        h = h0
+        for block in get_module(model, table.blocks):
+            h = _block(block, h, kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.to("cpu")
+        for name in weights:
+            get_module(model, name)._w_hat = None
+    return errors
