@@ -6,8 +6,9 @@ candidate codes, ``down`` and ``up = down + 1``, and one interpolation variable 
     W(x) = s (down + x - z)            (s, z: its group's scale and zero point; codes include z)
 
 ``y``, the weight's position between its two codes (from the starting rounding's positions,
-quantize/rounding.py), starts ``x`` (or ``x ~ U[0, 1]``, the released code's default) and defines the linear
-rounding term ``-<c, x>``, ``c = 2 y - 1``. Training minimises ``KL(p_float || p_x) / delta^2`` (finetune.py), with
+quantize/rounding.py), defines the linear rounding term ``-<c, x>``, ``c = 2 y - 1``. ``x`` starts at ``round(y)``
+(the starting rounding itself: our default, so a GPTQ start is refined rather than relaxed to its compensated
+weights), at ``y`` (the released code's ``orig``) or uniformly at random (its default). Training minimises ``KL(p_float || p_x) / delta^2`` (finetune.py), with
 ``delta^2`` the mean over layers of ``12 mean((W_start - W)^2)``, the squared step of uniform rounding noise. As in
 the released code the rounding term acts on the gradient:
 
@@ -19,7 +20,8 @@ with no step and the positional start, exactly the starting rounding.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -68,7 +70,7 @@ class DiscLinear(TrainedLinear):
         y = (p - down).clamp(0.0, 1.0)  # float32 [out, in]; round(down + y) is the starting code
         self.register_buffer("down", down.to(torch.int8), persistent=False)
         self.register_buffer("c", (2 * y - 1).to(torch.bfloat16), persistent=False)
-        x0 = y if init == "position" else torch.rand(y.shape, generator=generator)
+        x0 = {"start": lambda: torch.round(y), "position": lambda: y, "random": lambda: torch.rand(y.shape, generator=generator)}[init]()
         self.x = nn.Parameter(x0.contiguous())
 
     def _codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +92,21 @@ class DiscLinear(TrainedLinear):
     def round_(self) -> None:
         """Set ``x`` to its rounding (0 or 1): the student then computes exactly what :meth:`merged` stores."""
         self.x.copy_(torch.round(self.x))
+
+    def rounded(self) -> "contextlib.AbstractContextManager[None]":
+        """Within the block ``x`` is rounded (the checkpoint's codes); restored on leaving."""
+        return _rounded(self)
+
+
+@contextlib.contextmanager
+def _rounded(twin: DiscLinear) -> Iterator[None]:
+    saved = twin.x.detach().clone()
+    twin.round_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            twin.x.copy_(saved)
 
 
 def rounding_noise(twins: list[TrainedLinear]) -> float:

@@ -20,6 +20,7 @@ is written (the pipeline writes only at its end, through a staging directory).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -113,6 +114,11 @@ class TrainedLinear(nn.Module):
         """The weight the student computes with, float32 ``[out, in]`` (a graph to the trained variables)."""
         raise NotImplementedError
 
+    def rounded(self) -> "contextlib.AbstractContextManager[None]":
+        """A context within which the student computes with the rounding :meth:`merged` would store (the held-out
+        loss is measured there); a no-op where the student's forward is already rounded (LR-QAT)."""
+        return contextlib.nullcontext()
+
     def merged(self) -> QuantizedWeight:
         """The trained rounding as integer codes and scales (the grid of the start)."""
         raise NotImplementedError
@@ -187,7 +193,8 @@ def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
 class FinetuneReport:
     """What training did: settings, loss per step, seconds, the held-out loss before and after, the share of codes
     that differ from the starting rounding, each layer's relative output error with the final codes (measured on
-    the held-out windows), and the method's own numbers."""
+    the held-out windows), and the method's own numbers. The held-out losses are those of the rounded model: the
+    start's before, the checkpoint's after."""
 
     method: str
     settings: Settings
@@ -293,8 +300,18 @@ def finetune(
             set_module(model, name, twin)
         stack.callback(lambda: model.to("cpu"))
         model.to(dev)
+        for st in starts.values():
+            st.result.positions = None  # the twins hold what they need of them
         distiller = _Distiller(model, table, switch, s.loss)
-        before = distiller.loss(held_in.hidden[0], held_in.kwargs[0], held.to(dev), backward=False)
+
+        def held_out() -> float:
+            """The loss on the held-out windows of the model the merge would write (rounded)."""
+            with ExitStack() as rounding:
+                for twin in twins.values():
+                    rounding.enter_context(twin.rounded())
+                return distiller.loss(held_in.hidden[0], held_in.kwargs[0], held.to(dev), backward=False)
+
+        before = held_out()
         opt = trainer.optimizer(list(twins.values()), s)
         peaks = [group["lr"] for group in opt.param_groups]
         bar = tqdm(range(s.steps), desc=trainer.name, unit="step", disable=not progress)
@@ -310,7 +327,7 @@ def finetune(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if on_step is not None:
                 on_step(step, losses[-1])
-        after = distiller.loss(held_in.hidden[0], held_in.kwargs[0], held.to(dev), backward=False)
+        after = held_out()
         del opt
         extra = trainer.describe(list(twins.values()))
         changed = total = 0

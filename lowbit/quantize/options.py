@@ -61,7 +61,7 @@ class RoundingOptions:
             raise LowbitError("rounding options out of range: 0 <= damp < 1, block_size >= 1, 0 < max_shrink < 1, clip_grid >= 1, clip_stride >= 1")
 
 
-INITS = ("position", "random")
+INITS = ("start", "position", "random")
 TRAIN_LOSSES = ("kl", "ce")
 
 
@@ -77,8 +77,10 @@ class TrainingOptions:
         warmup: linear warm-up steps of the learning rate (then DiscQuant decays by a cosine, LR-QAT linearly).
         loss: "kl" (KL of the float model's next-token distribution to the quantized one's, full vocabulary) or
             "ce" (next-token cross-entropy of the quantized model, no teacher).
-        init: DiscQuant's start of x: "position" (each weight's position between its two grid points, which
-            rounds to the starting rounding) or "random" (uniform in [0, 1], the released code's default).
+        init: DiscQuant's start of x: "start" (0 or 1: exactly the starting rounding, so the relaxed model starts as
+            the start's quantized model), "position" (each weight's position between its two grid points: with
+            the RTN start the float model itself, with GPTQ's its compensated weights; it rounds to the start) or
+            "random" (uniform in [0, 1], the released code's default).
         rho, clamp: DiscQuant's gradient of the scaled KL is multiplied by ``rho`` and clamped to
             ``[-clamp, clamp]`` before the rounding term is added.
         weight_decay: DiscQuant's AdamW weight decay (PyTorch's default 0.01 in the released code).
@@ -93,7 +95,7 @@ class TrainingOptions:
     scale_lr: float | None = None
     warmup: int | None = None
     loss: str | None = None
-    init: str = "position"
+    init: str = "start"
     rho: float | None = None
     clamp: float | None = None
     weight_decay: float | None = None

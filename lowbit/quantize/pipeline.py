@@ -404,6 +404,7 @@ def quantize_model(
     extra: dict[str, object] = {} if rates is None else {"baq_closed_form_rates": rates}
     if trainer is not None and starts is not None:
         t1 = time.perf_counter()
+        release_free_heap()  # the rounding pass's freed Hessians and GPTQ buffers, before the training allocates
         settings = Settings.resolve(recipe.training, device, seed, trainer.cpu, trainer.cuda)
         report = finetune(fmodel, table, starts, trainer, settings, texts, tokenizer, device, progress)
         for r in layers:
