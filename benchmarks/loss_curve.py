@@ -6,7 +6,8 @@
 For OSTQuant (``trained_transforms.ost`` in ``quantize_report.json``) the curve is the KL-Top loss per step (thin)
 and its running mean over 8 steps (thick), with the held-out loss before and after training in the JSON. For
 AffineQuant (``trained_transforms.affine``) it is the per-block MSE of each epoch divided by that block's first
-epoch, averaged over blocks. The PNG is drawn with numpy and written with zlib (no plotting package): one colour
+epoch, averaged over blocks. For DiscQuant and LR-QAT (``trained_rounding``) it is the distillation loss per step, as
+for OSTQuant, with the held-out loss of the rounded model before and after. The PNG is drawn with numpy and written with zlib (no plotting package): one colour
 per checkpoint, the y range and step count printed in the corner, the same order as the command line.
 """
 
@@ -31,23 +32,30 @@ GLYPHS = {
 }
 
 
+def _per_step(kind: str, entry: dict) -> dict:
+    """A per-step loss curve with its running mean over 8 steps and the held-out losses."""
+    losses = [float(v) for v in entry["losses"]]
+    k = 8
+    smooth = [float(np.mean(losses[max(0, i - k + 1) : i + 1])) for i in range(len(losses))]
+    return {"kind": kind, "losses": losses, "smoothed": smooth, "settings": entry["settings"],
+            "held_out_loss_before": entry.get("held_out_loss_before"),
+            "held_out_loss_after": entry.get("held_out_loss_after"),
+            "seconds": entry.get("seconds"), "codes_changed": entry.get("codes_changed")}
+
+
 def curves(report: dict) -> dict:
     """``{"kind", "losses", "smoothed", ...}`` from one checkpoint report."""
     trained = report.get("trained_transforms", {})
+    if "trained_rounding" in report:
+        return _per_step(report["trained_rounding"]["method"], report["trained_rounding"])
     if "ost" in trained:
-        losses = [float(v) for v in trained["ost"]["losses"]]
-        k = 8
-        smooth = [float(np.mean(losses[max(0, i - k + 1) : i + 1])) for i in range(len(losses))]
-        return {"kind": "ost", "losses": losses, "smoothed": smooth, "settings": trained["ost"]["settings"],
-                "held_out_loss_before": trained["ost"].get("held_out_loss_before"),
-                "held_out_loss_after": trained["ost"].get("held_out_loss_after"),
-                "seconds": trained["ost"].get("seconds")}
+        return _per_step("ost", trained["ost"])
     if "affine" in trained:
         per_block = [[float(v) for v in b["losses"]] for b in trained["affine"]]
         rel = np.array([[v / b[0] for v in b] for b in per_block])  # [blocks, epochs]
         return {"kind": "affine", "per_block": per_block, "losses": rel.mean(0).tolist(),
                 "smoothed": rel.mean(0).tolist(), "settings": trained["affine"][0]["settings"]}
-    raise SystemExit("the report has no trained transform (ost or affine)")
+    raise SystemExit("the report has no trained transform (ost or affine) or trained rounding (disc, lrqat)")
 
 
 def _text(img: np.ndarray, x: int, y: int, s: str, colour: tuple[int, int, int], scale: int = 2) -> None:

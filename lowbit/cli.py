@@ -63,7 +63,7 @@ def model_cmd(
     samples: Annotated[int, typer.Option("--samples", help="Number of calibration windows (>= 1).")] = 128,
     calib_seqlen: Annotated[int, typer.Option("--calib-seqlen", help="Tokens per calibration window (2 .. the model's max_position_embeddings).")] = 512,
     seed: Annotated[int, typer.Option("--seed", help="Seed for window sampling and torch.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="Where each block is processed and learned transforms train: cpu or cuda (on cuda, ost and affine take the papers' step counts and window sizes; on cpu, settings that fit 2 cores: docs/RECIPES.md).")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="Where each block is processed and learned transforms and trained rounding (disc, lrqat) train: cpu or cuda (on cuda, ost, affine, disc and lrqat take the papers' step counts and window sizes; on cpu, settings that fit 2 cores: docs/RECIPES.md).")] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is an empty directory or a previous lowbit output (never the model directory, a directory containing it, your home directory or /).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward call (>= 1).")] = 8,
     avg_bits: Annotated[Optional[float], typer.Option("--avg-bits", help="Average bits per weight (scales counted) for a BAQ recipe such as baq-3.5; overrides its budget.")] = None,

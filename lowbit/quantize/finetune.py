@@ -154,8 +154,9 @@ class Trainer:
         """The trainable twin of ``ql``."""
         raise NotImplementedError
 
-    def optimizer(self, twins: list[TrainedLinear], s: Settings) -> torch.optim.Optimizer:
-        """The optimizer of the twins' variables; each param group's "lr" is its peak learning rate."""
+    def optimizer(self, twins: list[TrainedLinear], s: Settings) -> Any:
+        """The optimizer of the twins' variables (a torch Optimizer, or anything with its ``param_groups``, ``step``
+        and ``zero_grad``); each param group's "lr" is its peak learning rate."""
         raise NotImplementedError
 
     def before_step(self, twins: list[TrainedLinear], s: Settings) -> None:
@@ -328,6 +329,9 @@ def finetune(
             if on_step is not None:
                 on_step(step, losses[-1])
         after = held_out()
+        close = getattr(opt, "close", None)  # an optimizer stepping inside the backward pass removes its hooks
+        if close is not None:
+            close()
         del opt
         extra = trainer.describe(list(twins.values()))
         changed = total = 0
