@@ -14,8 +14,8 @@ the released code the rounding term acts on the gradient:
 
     x.grad <- -c + clamp(rho * dKL/dx / delta^2, -clamp, clamp)
 
-then AdamW (weight decay 0.01 by default), then ``x <- clamp(x, 0, 1)``. The codes are ``round(down + x)``:
-with no step and the positional start, exactly the starting rounding.
+then AdamW (weight decay 0.01 by default), then ``x <- clamp(x, 0, 1)``. The codes are ``down + round(x)`` (a tie
+goes down): with no step and the "start" or "position" init, exactly the starting rounding.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from lowbit.formats.int import expand_groups
+from lowbit.formats.int import expand_groups, quantize_codes
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.precision import Precision
 from lowbit.formats.scheme import WeightScheme
@@ -48,16 +48,16 @@ def disc_start(
     neighbours."""
     options = options or RoundingOptions()
     if options.start == "rtn":
-        return rtn(W, None, scheme, precision, options)
-    return gptq(W, H, scheme, precision, options)
+        return rtn(W, None, scheme, precision, options, positions=True)
+    return gptq(W, H, scheme, precision, options, positions=True)
 
 
 class DiscLinear(TrainedLinear):
     """The twin of one QuantLinear: ``W(x) = s (down + x - z)`` with ``x`` float32 ``[out, in]`` in [0, 1].
 
     Buffers: ``down`` int8 ``[out, in]`` (the lower candidate code, zero point included, in [qmin, qmax - 1]),
-    ``c`` bfloat16 ``[out, in]`` (``2 y - 1``: only the gradient uses it); the scales and zero points are the
-    start's (``[out, G]``), expanded per forward.
+    ``c`` bfloat16 ``[out, in]`` (``2 y - 1``: only the gradient uses it), the start's ``scale`` float32 and
+    ``zero`` int8 ``[out, G]``; with the random start also ``start_up`` bool ``[out, in]`` (the start's choice).
     """
 
     def __init__(self, ql: QuantLinear, start: Start, switch: Switch, init: str, generator: torch.Generator) -> None:
@@ -67,25 +67,31 @@ class DiscLinear(TrainedLinear):
             raise ValueError("DiscQuant needs the starting rounding's positions (plain int grids)")
         scheme = qw.scheme
         down = p.floor().clamp(scheme.qmin, scheme.qmax - 1)
-        y = (p - down).clamp(0.0, 1.0)  # float32 [out, in]; round(down + y) is the starting code
+        y = (p - down).clamp(0.0, 1.0)  # float32 [out, in]; down + round(y) is the starting code
         self.register_buffer("down", down.to(torch.int8), persistent=False)
         self.register_buffer("c", (2 * y - 1).to(torch.bfloat16), persistent=False)
-        x0 = {"start": lambda: torch.round(y), "position": lambda: y, "random": lambda: torch.rand(y.shape, generator=generator)}[init]()
+        self.register_buffer("scale", qw.scale.float().clone(), persistent=False)
+        self.register_buffer("zero", None if qw.zero is None else qw.zero.clone(), persistent=False)
+        self.register_buffer("start_up", torch.round(y).bool() if init == "random" else None, persistent=False)
+        x0 = {"start": lambda: torch.round(y), "position": lambda: y,
+              "random": lambda: torch.rand(y.shape, generator=generator)}[init]()
         self.x = nn.Parameter(x0.contiguous())
+        self.hard: torch.Tensor | None = None  # while set (0/1 float32 [out, in]), the student uses it for x
 
     def _codes(self, x: torch.Tensor) -> torch.Tensor:
         """``down + x - z``, float32 ``[out, in]``."""
         q = self.down.float() + x
-        if self.qweight.zero is not None:
-            q = q - expand_groups(self.qweight.zero.to(q.device), q.shape[1]).float()
+        if self.zero is not None:
+            q = q - expand_groups(self.zero, q.shape[1]).float()
         return q
 
     def student_weight(self) -> torch.Tensor:
-        return self._codes(self.x) * expand_groups(self.qweight.scale.to(self.x.device), self.x.shape[1])
+        x = self.x if self.hard is None else self.hard
+        return self._codes(x) * expand_groups(self.scale, x.shape[1])
 
     def merged(self) -> QuantizedWeight:
         s = self.qweight.scheme
-        codes = torch.round(self.down.float() + self.x.detach()).clamp(s.qmin, s.qmax).to(torch.int8).cpu()
+        codes = (self.down.float() + torch.round(self.x.detach())).to(torch.int8).cpu()  # in [qmin, qmax]
         return QuantizedWeight(codes, self.qweight.scale, self.qweight.zero, s, self.qweight.precision)
 
     @torch.no_grad()
@@ -93,25 +99,33 @@ class DiscLinear(TrainedLinear):
         """Set ``x`` to its rounding (0 or 1): the student then computes exactly what :meth:`merged` stores."""
         self.x.copy_(torch.round(self.x))
 
-    def rounded(self) -> "contextlib.AbstractContextManager[None]":
-        """Within the block ``x`` is rounded (the checkpoint's codes); restored on leaving."""
-        return _rounded(self)
+    def rounded(self, start: bool = False) -> "contextlib.AbstractContextManager[None]":
+        """Within the block the student uses ``round(x)`` (the checkpoint's codes) or, with ``start``, the start's
+        choice; ``x`` itself is untouched."""
+        return _hard(self, start)
 
 
 @contextlib.contextmanager
-def _rounded(twin: DiscLinear) -> Iterator[None]:
-    saved = twin.x.detach().clone()
-    twin.round_()
+def _hard(twin: DiscLinear, start: bool) -> Iterator[None]:
+    if start and twin.start_up is not None:
+        twin.hard = twin.start_up.float()
+    else:  # the start and position inits round to the start until x moves
+        twin.hard = torch.round(twin.x.detach())
     try:
         yield
     finally:
-        with torch.no_grad():
-            twin.x.copy_(saved)
+        twin.hard = None
 
 
 def rounding_noise(twins: list[TrainedLinear]) -> float:
-    """``delta^2``: the mean over layers of ``12 mean((W_start - W)^2)`` (uniform rounding noise of step delta)."""
-    values = [12 * float((t.qweight.dequantize(torch.float32) - t.teacher_weight.float().cpu()).square().mean()) for t in twins]
+    """``delta^2``: the mean over layers of ``12 mean((W_greedy - W)^2)``, ``W_greedy`` the nearest rounding of the
+    float weight on the start's grid (uniform rounding noise of step delta; ALGORITHMS.md 5.2)."""
+    values = []
+    for t in twins:
+        W = t.teacher_weight.float()
+        scheme, qw = t.qweight.scheme, t.qweight
+        greedy = QuantizedWeight(quantize_codes(W.cpu(), qw.scale, qw.zero, scheme), qw.scale, qw.zero, scheme, qw.precision)
+        values.append(12 * float((greedy.dequantize(torch.float32) - W.cpu()).square().mean()))
     return sum(values) / max(len(values), 1)
 
 

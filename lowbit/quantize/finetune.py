@@ -56,6 +56,16 @@ class Start:
     weight: torch.Tensor
     result: RoundResult
 
+    @classmethod
+    def on_cpu(cls, weight: torch.Tensor, result: RoundResult) -> "Start":
+        """A start whose tensors are on the CPU whatever device the block was rounded on."""
+        qw = result.qweight
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        moved = QuantizedWeight(cpu(qw.codes), cpu(qw.scale), cpu(qw.zero), qw.scheme, qw.precision,
+                                cpu(qw.global_scale), cpu(qw.channel_scale))
+        return cls(cpu(weight), dataclasses.replace(result, qweight=moved, positions=cpu(result.positions),
+                                                    row_loss=cpu(result.row_loss)))
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -114,9 +124,10 @@ class TrainedLinear(nn.Module):
         """The weight the student computes with, float32 ``[out, in]`` (a graph to the trained variables)."""
         raise NotImplementedError
 
-    def rounded(self) -> "contextlib.AbstractContextManager[None]":
+    def rounded(self, start: bool = False) -> "contextlib.AbstractContextManager[None]":
         """A context within which the student computes with the rounding :meth:`merged` would store (the held-out
-        loss is measured there); a no-op where the student's forward is already rounded (LR-QAT)."""
+        loss is measured there), or with ``start`` the starting rounding; a no-op where the student's forward is
+        already rounded and starts at its start (LR-QAT)."""
         return contextlib.nullcontext()
 
     def merged(self) -> QuantizedWeight:
@@ -182,10 +193,11 @@ def register_trainer(trainer: Trainer) -> Trainer:
 
 
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
-    """The learning rate of ``step`` (0-based) as a fraction of the peak: a linear warm-up over ``warmup`` steps,
-    then a cosine or linear decay to 0 at ``steps`` (transformers' ``get_{cosine,linear}_schedule_with_warmup``)."""
+    """The learning rate of ``step`` (0-based) as a fraction of the peak: a linear warm-up over ``warmup`` steps
+    (from 0 at step 0), then a cosine or linear decay to 0 at ``steps``: transformers'
+    ``get_{cosine,linear}_schedule_with_warmup`` as the released code steps it (scheduler after optimizer)."""
     if step < warmup:
-        return (step + 1) / (warmup + 1)
+        return step / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
 
@@ -222,6 +234,9 @@ class _Distiller:
         self.norm, self.head = get_module(model, table.final_norm), get_module(model, table.lm_head)
         self.attns = [m for _, m in attention_modules(model, table.blocks, table.attention)]
         self.switch, self.loss_name = switch, loss
+        w, b = self.head.weight, self.head.bias
+        self.head_w = w if w.dtype == torch.float32 else w.float()  # converted once, not per slice
+        self.head_b = None if b is None else (b if b.dtype == torch.float32 else b.float())
 
     def _run(self, h: torch.Tensor, kw: dict[str, Any], grad: bool) -> torch.Tensor:
         """The final norm's output ``[b (L - 1), D]`` (last position dropped) for embedding outputs ``h [b, L, D]``."""
@@ -243,8 +258,7 @@ class _Distiller:
 
     def _head(self, u: torch.Tensor) -> torch.Tensor:
         """The output head in float32, whatever the model's dtype."""
-        bias = self.head.bias
-        return F.linear(u.float(), self.head.weight.float(), None if bias is None else bias.float())
+        return F.linear(u.float(), self.head_w, self.head_b)
 
     def loss(self, h0: torch.Tensor, kw: dict[str, Any], ids: torch.Tensor, backward: bool) -> float:
         """The mean loss per position of one batch (``ids [b, L]``); with ``backward`` its gradients accumulate."""
@@ -252,16 +266,35 @@ class _Distiller:
         targets = ids[:, 1:].reshape(-1)
         self.switch.on = True
         try:
+            # The backward pass recomputes the checkpointed blocks: it must see the same KV-cache mode.
             with kv_cache_mode(self.attns, ste=backward):
                 if not backward:
                     with torch.no_grad():
                         return head_loss(self._head, self._run(h0, kw, grad=False), u_teacher, targets, self.loss_name, 0)
                 u = self._run(h0, kw, grad=True)
-            value, grad = head_loss_backward(self._head, u, u_teacher, targets, self.loss_name, 0)
-            u.backward(grad)
-            return value
+                value, grad = head_loss_backward(self._head, u, u_teacher, targets, self.loss_name, 0)
+                u.backward(grad)
+                return value
         finally:
             self.switch.on = False
+
+
+HELD_OUT_WINDOWS = 8  # the held-out part of the text: this many windows of the training length (or 5 %)
+
+
+def split_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase, seqlen: int) -> tuple[list[str], list[str]]:
+    """``texts`` split into (training, held-out) text: the held-out part is the end of the joined text, its last 5 %
+    or :data:`HELD_OUT_WINDOWS` windows of ``seqlen`` tokens if that is more (at most half of it), so the held-out
+    windows share no token with the training windows. Lengths in characters use the text's own characters per
+    token. A text too short to split is used whole for both."""
+    joined = "\n\n".join(texts)
+    n_tokens = max(1, len(tokenizer(joined[:200_000], add_special_tokens=False).input_ids))
+    chars_per_token = min(len(joined), 200_000) / n_tokens
+    held = int(min(max(HELD_OUT_WINDOWS * seqlen * chars_per_token, 0.05 * len(joined)), 0.5 * len(joined)))
+    held = max(held, int(1.2 * seqlen * chars_per_token))
+    if held >= len(joined):
+        return texts, texts  # too short to split: the held-out windows are drawn from the same text
+    return [joined[: len(joined) - held]], [joined[len(joined) - held :]]
 
 
 def _block(block: nn.Module, h: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
@@ -277,14 +310,16 @@ def finetune(
     """Train the rounding of every layer in ``starts`` (full module name -> start; each a QuantLinear in ``model``)
     and write the merged codes back into those QuantLinears.
 
-    The training windows (``s.steps * s.batch`` of ``s.seqlen`` tokens) are cut from ``texts`` with ``s.seed``; the
-    held-out loss is measured on ``s.batch`` windows drawn with ``s.seed + 1`` before and after training.
+    The training windows (``s.steps * s.batch`` of ``s.seqlen`` tokens) are cut with ``s.seed`` from ``texts`` less
+    their last part (:func:`split_texts`); the held-out loss is measured on ``s.batch`` windows of that last part
+    before (the start) and after training (the merged rounding). Each step's embedding outputs are computed when
+    the step runs, so memory does not grow with the number of steps.
     """
     t0 = time.perf_counter()
-    windows = calibration_windows(texts, tokenizer, max(1, s.steps) * s.batch, s.seqlen, s.seed)
-    held = calibration_windows(texts, tokenizer, s.batch, s.seqlen, s.seed + 1)
+    train_texts, held_texts = split_texts(texts, tokenizer, s.seqlen)
+    windows = calibration_windows(train_texts, tokenizer, max(1, s.steps) * s.batch, s.seqlen, s.seed)
+    held = calibration_windows(held_texts, tokenizer, s.batch, s.seqlen, s.seed + 1)
     dev = torch.device(device)
-    inputs = capture_block_inputs(model, table, windows, s.batch, dev)
     held_in = capture_block_inputs(model, table, held, s.batch, dev)
     generator = torch.Generator().manual_seed(s.seed)
     switch = Switch()
@@ -305,22 +340,26 @@ def finetune(
             st.result.positions = None  # the twins hold what they need of them
         distiller = _Distiller(model, table, switch, s.loss)
 
-        def held_out() -> float:
-            """The loss on the held-out windows of the model the merge would write (rounded)."""
+        def held_out(start: bool) -> float:
+            """The loss on the held-out windows of the model the merge would write (rounded), or of the start."""
             with ExitStack() as rounding:
                 for twin in twins.values():
-                    rounding.enter_context(twin.rounded())
+                    rounding.enter_context(twin.rounded(start))
                 return distiller.loss(held_in.hidden[0], held_in.kwargs[0], held.to(dev), backward=False)
 
-        before = held_out()
+        before = held_out(start=True)
         opt = trainer.optimizer(list(twins.values()), s)
+        close = getattr(opt, "close", None)  # an optimizer stepping inside the backward pass removes its hooks
+        if close is not None:
+            stack.callback(close)
         peaks = [group["lr"] for group in opt.param_groups]
         bar = tqdm(range(s.steps), desc=trainer.name, unit="step", disable=not progress)
         for step in bar:
             for group, peak in zip(opt.param_groups, peaks):
                 group["lr"] = peak * lr_factor(step, s.steps, s.warmup, s.schedule)
-            ids = windows[step * s.batch : (step + 1) * s.batch].to(dev)
-            losses.append(distiller.loss(inputs.hidden[step], inputs.kwargs[step], ids, backward=True))
+            ids = windows[step * s.batch : (step + 1) * s.batch]
+            step_in = capture_block_inputs(model, table, ids.to(dev), s.batch, dev)  # this step's embeddings only
+            losses.append(distiller.loss(step_in.hidden[0], step_in.kwargs[0], ids.to(dev), backward=True))
             trainer.before_step(list(twins.values()), s)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -328,10 +367,7 @@ def finetune(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if on_step is not None:
                 on_step(step, losses[-1])
-        after = held_out()
-        close = getattr(opt, "close", None)  # an optimizer stepping inside the backward pass removes its hooks
-        if close is not None:
-            close()
+        after = held_out(start=False)
         del opt
         extra = trainer.describe(list(twins.values()))
         changed = total = 0

@@ -26,7 +26,7 @@ from lowbit.native import gptq_columns
 from lowbit.quantize.options import RoundingOptions
 from lowbit.quantize.refit import refit_group_scales
 from lowbit.quantize.rounding import RoundResult, register_rounder, start_positions
-from lowbit.quantize.rtn import from_values, rtn_weight
+from lowbit.quantize.rtn import from_values, rtn, rtn_weight
 
 DAMP_STEP = 0.01  # GPTQModel's damp_auto_increment
 FLOOR_TRIES = 6  # diagonal floors 1e-6 .. 1e-1 of max|diag H|
@@ -105,9 +105,11 @@ def gptq(
     scheme: WeightScheme,
     precision: Precision = Precision(),
     options: RoundingOptions | None = None,
+    positions: bool = False,
 ) -> RoundResult:
     """Quantize ``W [out, in]`` with GPTQ given ``H = X^T X / n`` (float32 ``[in, in]``); every weight is
-    compensated for the error of its value as stored and run (``precision``).
+    compensated for the error of its value as stored and run (``precision``). With ``positions`` (plain int grids)
+    the result also holds the compensated weight each code was rounded from (the start of DiscQuant).
 
     Never raises on a bad Hessian: damping is escalated, then a diagonal floor is added, and if the
     factorisation still fails (or the loss is not finite) the layer falls back to RTN; ``note`` says so.
@@ -121,12 +123,12 @@ def gptq(
     # oversubscribe them (BENCHMARKS.md, 2026-11-23, code of 1b8ee2c). The C column loop uses ``threads`` row
     # slices of its own (native/gptq_columns.py).
     with _num_threads(1):
-        return _gptq(W, H, scheme.for_layer(W.shape[1]), precision, options, threads)
+        return _gptq(W, H, scheme.for_layer(W.shape[1]), precision, options, threads, positions)
 
 
 def _gptq(
     W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, precision: Precision, options: RoundingOptions,
-    threads: int = 1,
+    threads: int = 1, positions: bool = False,
 ) -> RoundResult:
     """The body of :func:`gptq` (scheme already resolved for the layer); the factorisation and the scale
     refit, large dense products, run on ``threads`` intra-op threads (the caller's count), the rest on one.
@@ -148,7 +150,7 @@ def _gptq(
     with _num_threads(threads):  # dense: every core helps (BENCHMARKS.md, 2026-11-28, code of 92d95fb)
         U, note = inverse_hessian_factor(H[perm][:, perm], options.damp)
     if U is None:
-        return RoundResult(rtn_weight(W, scheme, precision, options), None, f"{note}: fell back to RTN")
+        return _fallback(W, scheme, precision, options, f"{note}: fell back to RTN", positions)
 
     # Static parameters come from the whole weight (grids other than plain int have tensor-wide or
     # per-row parts, so their groups are always static); on-the-fly group scales come from the loop.
@@ -159,18 +161,26 @@ def _gptq(
         clip = mse_clip(W, scheme, precision, options.clip_grid, options.max_shrink, options.clip_norm, options.clip_stride) if search else 1.0
         params = compute_params(W, scheme, precision.scale_dtype, clip)
 
-    values, params, loss, residual = _column_loop(W, U, perm, scheme, precision, options, params, threads)
+    want = positions and scheme.is_plain_int
+    values, params, loss, residual = _column_loop(W, U, perm, scheme, precision, options, params, threads, residual=want)
     total = float(loss.sum())
     if not torch.isfinite(torch.tensor(total)):
-        return RoundResult(rtn_weight(W, scheme, precision, options), None, "GPTQ loss not finite: fell back to RTN")
-    positions = None
-    if scheme.is_plain_int:  # the compensated weight each code was rounded from, in units of the grid it was rounded on
-        positions = start_positions(values, values + residual / expand_groups(params.scale, in_f))
+        return _fallback(W, scheme, precision, options, "GPTQ loss not finite: fell back to RTN", positions)
+    where = None
+    if residual is not None:  # the compensated weight each code was rounded from, in units of the grid it was rounded on
+        where = start_positions(values, values + residual / expand_groups(params.scale, in_f))
     del residual
     if options.refit_scales and scheme.is_plain_int and scheme.strategy in ("group", "channel"):
         with _num_threads(threads):
             params = GridParams(refit_group_scales(W, H, values, params.scale, params.zero, precision.scale_dtype), params.zero)
-    return RoundResult(from_values(values, params, scheme, precision), total, note, loss, positions)
+    return RoundResult(from_values(values, params, scheme, precision), total, note, loss, where)
+
+
+def _fallback(W: torch.Tensor, scheme: WeightScheme, precision: Precision, options: RoundingOptions, note: str,
+              positions: bool) -> RoundResult:
+    """RTN in GPTQ's place (the Hessian could not be used), with its positions when asked for."""
+    res = rtn(W, None, scheme, precision, options, positions=positions)
+    return RoundResult(res.qweight, None, note, None, res.positions)
 
 
 def _column_loop(
@@ -183,12 +193,13 @@ def _column_loop(
     params: GridParams | None,
     threads: int = 1,
     native_loop: bool = True,
-) -> tuple[torch.Tensor, GridParams, torch.Tensor, torch.Tensor]:
+    residual: bool = False,
+) -> tuple[torch.Tensor, GridParams, torch.Tensor, torch.Tensor | None]:
     """GPTQ's column loop on rows ``W [rows, in]`` (float32, natural column order) with the upper inverse
     factor ``U [in, in]`` in processing order ``perm``, on static grid ``params`` of these rows, or with
     plain-int group scales computed on the fly when ``params`` is None. Returns (grid values float32
-    ``[rows, in]`` at natural indices (formats/grid.py), the parameters, loss per row float32 ``[rows]``, and the
-    residual float32 ``[rows, in]``: each compensated weight minus its dequantized value, ``w' - w_hat``).
+    ``[rows, in]`` at natural indices (formats/grid.py), the parameters, loss per row float32 ``[rows]``, and with
+    ``residual`` float32 ``[rows, in]`` each compensated weight minus its dequantized value ``w' - w_hat``, else None).
 
     Each block's columns run in C on ``threads`` row slices (native/gptq_columns.py: the same bits,
     without torch's per-op dispatch, which set the torch loop's speed) for the plain int grid when the
@@ -214,7 +225,7 @@ def _column_loop(
         z_all = None if zero is None else expand_groups(zero, in_f)[:, perm].float().expand(out_f, -1)
     codes = torch.empty(out_f, in_f, device=W.device)  # grid values (formats/grid.py), at natural column indices
     loss = torch.zeros(out_f, device=W.device)
-    residual = torch.empty(out_f, in_f, device=W.device)  # w' - w_hat = scaled error times U's diagonal
+    resid = torch.empty(out_f, in_f, device=W.device) if residual else None  # w' - w_hat: scaled error times U's diagonal
 
     def start_group(W1T: torch.Tensor, i: int, i1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """On-the-fly scale (and zero) ``[rows]`` of the group starting at block column ``i``, from the
@@ -251,10 +262,11 @@ def _column_loop(
             Q1, E1 = _block_torch(W1T, U1, i1, s_cols if static else None, z_cols if static else None,
                                   params if generic else None, scheme, precision, gs, start_group)
         codes[:, perm[i1:i2]] = Q1
-        residual[:, perm[i1:i2]] = E1 * U1.diagonal()
+        if resid is not None:
+            resid[:, perm[i1:i2]] = E1 * U1.diagonal()
         loss += E1.square().sum(dim=1) / 2  # sum (w - q)^2 / d^2 / 2
         Wp[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of all later columns
-    return codes, params if params is not None else GridParams(scale, zero), loss, residual
+    return codes, params if params is not None else GridParams(scale, zero), loss, resid
 
 
 def _block_torch(

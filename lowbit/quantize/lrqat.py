@@ -149,9 +149,9 @@ class LrQatTrainer(Trainer):
     def optimizer(self, twins: list[TrainedLinear], s: Settings) -> torch.optim.Optimizer:
         ab = [p for t in twins if isinstance(t, LrQatLinear) for p in (t.A, t.B)]
         scales = [t.s for t in twins if isinstance(t, LrQatLinear)]
-        groups: list[dict[str, Any]] = [{"params": ab, "lr": s.lr}]
+        groups: list[dict[str, Any]] = [{"params": ab, "lr": s.lr, "weight_decay": s.weight_decay}]
         if s.scale_lr > 0:
-            groups.append({"params": scales, "lr": s.scale_lr})
+            groups.append({"params": scales, "lr": s.scale_lr, "weight_decay": 0.0})
         else:
             for p in scales:
                 p.requires_grad_(False)

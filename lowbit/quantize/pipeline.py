@@ -207,7 +207,7 @@ def quantize_block(
             )
             set_module(block, n, ql)
             if keep is not None:
-                keep[f"{prefix}.{n}"] = Start(W, res)
+                keep[f"{prefix}.{n}"] = Start.on_cpu(W, res)  # the block may be on the GPU
 
     before = None if geometry is None else stage_hook(block, table, geometry, recipe.transforms)
     outputs = run_block_staged(block, table, inputs, on_group, before)
@@ -339,6 +339,11 @@ def quantize_model(
     max_positions = config.get("max_position_embeddings")
     if isinstance(max_positions, int) and calib_seqlen > max_positions:
         raise LowbitError(f"--calib-seqlen {calib_seqlen} exceeds the model's max_position_embeddings ({max_positions})")
+    trainer = TRAINERS.get(recipe.method)
+    settings = None if trainer is None else Settings.resolve(recipe.training, device, seed, trainer.cpu, trainer.cuda)
+    if settings is not None and isinstance(max_positions, int) and settings.seqlen > max_positions:
+        raise LowbitError(f"{recipe.method}: training seqlen {settings.seqlen} exceeds the model's max_position_embeddings "
+                          f"({max_positions}); set training.seqlen in the recipe")
     texts = calibration_texts(calib)  # read before the (slow) model load so a bad --calib fails fast
     cleaned = remove_leftovers(out)
     if cleaned and progress:
@@ -376,7 +381,6 @@ def quantize_model(
     blocks = get_module(fmodel, table.blocks)
     layers: list[LayerResult] = []
     learner = block_trained(recipe.transforms)
-    trainer = TRAINERS.get(recipe.method)
     starts: dict[str, Start] | None = {} if trainer is not None else None
     fp_stream = list(inputs.hidden) if learner is not None else None  # the float model's block inputs (targets)
     block_reports: list[dict[str, object]] = []
@@ -402,10 +406,9 @@ def quantize_model(
 
     calib_info = {"source": str(calib) if calib else "default", "samples": samples, "seqlen": calib_seqlen, "seed": seed}
     extra: dict[str, object] = {} if rates is None else {"baq_closed_form_rates": rates}
-    if trainer is not None and starts is not None:
+    if trainer is not None and starts is not None and settings is not None:
         t1 = time.perf_counter()
         release_free_heap()  # the rounding pass's freed Hessians and GPTQ buffers, before the training allocates
-        settings = Settings.resolve(recipe.training, device, seed, trainer.cpu, trainer.cuda)
         report = finetune(fmodel, table, starts, trainer, settings, texts, tokenizer, device, progress)
         for r in layers:
             if r.name in starts:
@@ -413,6 +416,7 @@ def quantize_model(
                 W = starts[r.name].weight.float()
                 r.weight_rel_err = float((W - W_hat).norm() / W.norm().clamp_min(1e-30))
                 r.output_rel_err = report.output_errors[r.name]
+                r.loss = None  # the start's objective says nothing about the trained codes
                 r.note = "; ".join(x for x in (r.note, f"{trainer.name}: codes trained from this start, output error "
                                                       "on the held-out windows") if x)
         del starts

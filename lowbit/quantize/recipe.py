@@ -72,6 +72,8 @@ class Recipe:
             raise LowbitError(f"unknown rounding method {self.method!r}; valid: {', '.join(sorted(ROUNDERS))}")
         if self.method in TRAINERS and not self.weights.is_plain_int:
             raise LowbitError(f"{self.method} trains integer codes: weights must be an int grid with float scales, not {self.weights.name}")
+        if self.method not in TRAINERS and self.training != TrainingOptions():
+            raise LowbitError(f"training options apply to {', '.join(sorted(TRAINERS))}, not to method {self.method!r}")
         if self.method == "lrqat" and (not self.weights.symmetric or self.baq is not None):
             raise LowbitError("lrqat needs symmetric int weights (its fixed-point base is signed) and no BAQ")
         if self.scale_dtype not in SCALE_DTYPES:

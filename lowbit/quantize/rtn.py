@@ -42,10 +42,12 @@ def rtn(
     scheme: WeightScheme,
     precision: Precision = Precision(),
     options: RoundingOptions | None = None,
+    positions: bool = False,
 ) -> RoundResult:
-    """The registered RTN method; ``H`` is ignored. Plain int grids also return the positions ``W / s + z``."""
+    """The registered RTN method; ``H`` is ignored. With ``positions`` (plain int grids) the result also holds
+    ``W / s + z``, where each weight lies on the grid (the start of DiscQuant)."""
     qw = rtn_weight(W, scheme, precision, options)
-    return RoundResult(qw, positions=grid_positions(W, qw) if qw.scheme.is_plain_int else None)
+    return RoundResult(qw, positions=grid_positions(W, qw) if positions and qw.scheme.is_plain_int else None)
 
 
 def grid_positions(W: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:

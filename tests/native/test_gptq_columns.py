@@ -59,13 +59,13 @@ def test_native_loop_equals_torch_loop_bit_for_bit(
     U, _ = G.inverse_hessian_factor(H[perm][:, perm], options.damp)
     static = options.static_groups or scheme.strategy != "group"
     params = compute_params(W, scheme, precision.scale_dtype, 1.0) if static else None
-    ref = G._column_loop(W.clone(), U, perm, scheme, precision, options, params, threads, native_loop=False)
+    ref = G._column_loop(W.clone(), U, perm, scheme, precision, options, params, threads, native_loop=False, residual=True)
 
     def no_torch_loop(*args: object) -> None:
         raise AssertionError("the torch loop ran instead of the C one")
 
     monkeypatch.setattr(G, "_block_torch", no_torch_loop)
-    out = G._column_loop(W.clone(), U, perm, scheme, precision, options, params, threads, native_loop=True)
+    out = G._column_loop(W.clone(), U, perm, scheme, precision, options, params, threads, native_loop=True, residual=True)
     assert torch.equal(out[0], ref[0])
     assert torch.equal(out[1].scale, ref[1].scale)
     assert (out[1].zero is None) == (ref[1].zero is None)

@@ -68,11 +68,12 @@ def test_gptq_positions_are_its_compensated_weights() -> None:
     """Without refit, ``positions * s - z s`` is the weight GPTQ rounded: it differs from W (compensation) and
     each code is its nearest grid point; with RTN's start they are W itself."""
     W, H = _problem()
-    res = gptq(W, H, W3, Precision(), RoundingOptions(order="natural"))
+    res = gptq(W, H, W3, Precision(), RoundingOptions(order="natural"), positions=True)
     scale = res.qweight.scale.repeat_interleave(32, dim=1)
     compensated = res.positions * scale
     assert float((compensated - W).abs().max()) > 0.05  # GPTQ moved the weights
-    r = rtn(W, None, W3, Precision())
+    r = rtn(W, None, W3, Precision(), positions=True)
+    assert rtn(W, None, W3, Precision()).positions is None and gptq(W, H, W3).positions is None  # only when asked
     inside = (r.positions - r.qweight.codes.float()).abs() < 0.4999
     torch.testing.assert_close((r.positions * r.qweight.scale.repeat_interleave(32, dim=1))[inside], W[inside])
 
@@ -158,6 +159,23 @@ def test_disc_merge_equals_the_training_forward_bit_for_bit(act: ActScheme | Non
     assert float((twin.merged().codes != res.qweight.codes).float().mean()) > 0.2  # a different rounding
 
 
+def test_the_held_out_start_is_the_start_whatever_the_init() -> None:
+    """``rounded(start=True)`` computes with the start's codes, also from a random x; ``rounded()`` with round(x)."""
+    W, H = _problem()
+    res = disc_start(W, H, W3, F16, RoundingOptions(start="gptq"))
+    switch = Switch()
+    twin = DiscLinear(_quantlinear(W, res), Start(W, res), switch, "random", torch.Generator().manual_seed(1))
+    start = QuantLinear.from_quantized(res.qweight, None, torch.float32, None)
+    x = torch.randn(4, W.shape[1], generator=torch.Generator().manual_seed(2))
+    switch.on = True
+    with torch.no_grad():
+        with twin.rounded(start=True):
+            assert torch.equal(twin(x), start(x))
+        with twin.rounded():
+            assert torch.equal(twin(x), QuantLinear.from_quantized(twin.merged(), None, torch.float32, None)(x))
+        assert not torch.equal(twin(x), start(x))  # outside: the relaxed x
+
+
 def test_lrqat_merge_equals_the_training_forward_bit_for_bit() -> None:
     W, _ = _problem(out=64, inp=128, seed=3)
     res = lrqat_start(W, None, WeightScheme(bits=4, strategy="group", group_size=64), F16)
@@ -175,7 +193,7 @@ def test_lrqat_merge_equals_the_training_forward_bit_for_bit() -> None:
 
 
 def test_lr_factor_warms_up_then_decays() -> None:
-    assert lr_factor(0, 10, 4, "cosine") == pytest.approx(0.2)
+    assert lr_factor(0, 10, 4, "cosine") == 0.0 and lr_factor(1, 10, 4, "cosine") == pytest.approx(0.25)
     assert lr_factor(4, 10, 4, "cosine") == pytest.approx(1.0)
     assert lr_factor(9, 10, 0, "linear") == pytest.approx(0.1)
     assert lr_factor(7, 10, 4, "cosine") < lr_factor(5, 10, 4, "cosine")
@@ -257,7 +275,7 @@ def _recipe(method: str, steps: int, **training: Any) -> Recipe:
     return recipe_from_dict({
         "name": f"t-{method}", "weights": {"bits": 4 if method == "lrqat" else 3, "group_size": 32},
         "method": method, "rounding": {"order": "gar", "static_groups": False, "mse_clip": True},
-        "training": {"steps": steps, "batch": 2, "seqlen": 32, **training}})
+        "training": {"steps": steps, "batch": 2, "seqlen": 32, "warmup": 0, **training}})
 
 
 def _run(stories_dir: Path, recipe: Recipe | str, out: Path) -> Any:
@@ -270,7 +288,8 @@ def _tensors(out: Path) -> dict[str, torch.Tensor]:
 
 def test_disc_with_zero_steps_writes_the_gptq_checkpoint(stories_dir: Path, tmp_path: Path) -> None:
     disc = _run(stories_dir, _recipe("disc", 0), tmp_path / "disc")
-    ref = _run(stories_dir, recipe_from_dict({**_recipe("disc", 0).to_dict(), "method": "gptq"}), tmp_path / "gptq")
+    plain = {k: v for k, v in _recipe("disc", 0).to_dict().items() if k != "training"}
+    ref = _run(stories_dir, recipe_from_dict({**plain, "method": "gptq"}), tmp_path / "gptq")
     a, b = _tensors(tmp_path / "disc"), _tensors(tmp_path / "gptq")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert disc.extra["trained_rounding"]["codes_changed"] == 0
@@ -314,6 +333,15 @@ def test_trained_checkpoints_load_in_transformers(method: str, stories_dir: Path
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["disc", "lrqat"])
+def test_training_through_quantized_activations_and_kv_cache(method: str, stories_dir: Path, tmp_path: Path) -> None:
+    """The checkpointed blocks are recomputed in the backward pass with the KV quantizer as in the forward pass."""
+    data = {**_recipe(method, 2, **({"init": "random"} if method == "disc" else {})).to_dict(),
+            "activations": {"bits": 8}, "kv_cache": {"bits": 8, "strategy": "token"}}
+    res = _run(stories_dir, recipe_from_dict(data), tmp_path / "q")
+    assert len(res.extra["trained_rounding"]["losses"]) == 2
+
+
 def test_presets_are_trained_integer_recipes() -> None:
     for name in ("w3a16-disc", "w4a16-disc", "w2a16-disc", "w3a16-rot-disc", "w4a16-lrqat"):
         r = PRESETS[name]
@@ -330,6 +358,7 @@ def test_presets_are_trained_integer_recipes() -> None:
     ({"method": "disc", "training": {"init": "zeros"}}, "training.init"),
     ({"method": "disc", "rounding": {"start": "awq"}}, "rounding start"),
     ({"method": "disc", "training": {"rank": "8"}}, "training.rank"),
+    ({"method": "gptq", "training": {"steps": 8}}, "training options apply to disc, lrqat"),
 ])
 def test_bad_training_recipes_fail_before_loading(data: dict[str, Any], message: str) -> None:
     with pytest.raises(LowbitError, match=message):
