@@ -139,7 +139,7 @@ class DiscTrainer(Trainer):
     """
 
     name = "disc"
-    cpu = {"steps": 48, "batch": 2, "seqlen": 512, "lr": 0.05, "scale_lr": 0.0, "warmup": 4, "loss": "kl",
+    cpu = {"steps": 48, "batch": 2, "seqlen": 512, "lr": 0.15, "scale_lr": 0.0, "warmup": 4, "loss": "kl",
            "rho": 200.0, "clamp": 0.5, "weight_decay": 0.01, "schedule": "cosine"}
     cuda = {"steps": 128, "batch": 8, "seqlen": 2048, "lr": 0.05, "scale_lr": 0.0, "warmup": 128, "loss": "kl",
             "rho": 200.0, "clamp": 0.5, "weight_decay": 0.01, "schedule": "cosine"}

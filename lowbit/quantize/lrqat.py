@@ -134,7 +134,7 @@ class LrQatTrainer(Trainer):
     """
 
     name = "lrqat"
-    cpu = {"steps": 48, "batch": 2, "seqlen": 512, "lr": 0.02, "scale_lr": 1e-5, "warmup": 4, "loss": "kl",
+    cpu = {"steps": 48, "batch": 2, "seqlen": 512, "lr": 0.05, "scale_lr": 1e-5, "warmup": 4, "loss": "kl",
            "rho": 1.0, "clamp": 1.0, "weight_decay": 0.0, "schedule": "linear"}
     cuda = {"steps": 10000, "batch": 32, "seqlen": 1024, "lr": 1e-3, "scale_lr": 1e-5, "warmup": 1000, "loss": "ce",
             "rho": 1.0, "clamp": 1.0, "weight_decay": 0.0, "schedule": "linear"}
