@@ -147,3 +147,38 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -> Pa
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(stories_dir / f, directory / f)
     return directory
+
+
+@pytest.fixture(scope="session")
+def interrupt_while_training() -> Callable[[Path, Path, dict, str, list[str]], None]:
+    """``interrupt_while_training(model_dir, tmp_path, recipe, bar, extra_args)``: run ``quantize model`` with
+    ``recipe`` (a dict) in a subprocess, send SIGINT once the progress bar named ``bar`` has started, and assert
+    that the process failed and left nothing in ``tmp_path`` but the recipe file (no output, no staging leftover)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def run(model_dir: Path, tmp_path: Path, recipe: dict, bar: str, extra_args: list[str]) -> None:
+        path = tmp_path / "r.json"
+        path.write_text(json.dumps(recipe))
+        out = tmp_path / "out"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "model", str(model_dir), "--recipe", str(path),
+                                 "--out", str(out), *extra_args],
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
+        assert proc.stderr is not None
+        seen = ""
+        deadline = time.time() + 120
+        while f"{bar}:" not in seen and time.time() < deadline:  # the training bar has started
+            seen += proc.stderr.read(1)
+        assert f"{bar}:" in seen, seen[-2000:]
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[1]
+        assert proc.returncode != 0, rest[-2000:]
+        assert not out.exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name != "r.json"] == []
+
+    return run

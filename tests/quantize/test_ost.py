@@ -5,11 +5,6 @@ one line, and Ctrl-C during training leaves nothing written."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -174,30 +169,12 @@ def test_pipeline_reports_the_training_and_writes_a_plain_checkpoint(tmp_path: P
     assert report["trained_transforms"]["ost"]["losses"] == res.extra["trained_transforms"]["ost"]["losses"]
 
 
-def test_ctrl_c_during_training_leaves_nothing_written(tmp_path: Path, llama_dir: Path) -> None:
+def test_ctrl_c_during_training_leaves_nothing_written(tmp_path: Path, llama_dir: Path, interrupt_while_training) -> None:  # type: ignore[no-untyped-def]
     """SIGINT while the transforms train: the process stops with an error and no output directory (or staging
     leftover) exists."""
-    recipe = tmp_path / "r.json"
-    recipe.write_text(json.dumps({"name": "slow-ost", "weights": {"bits": 4, "group_size": 16},
-                                  "transforms": [{"name": "fold_norms"}, {"name": "ost", "steps": 500,
-                                                                          "seqlen": 32, "batch": 1}]}))
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "model", str(llama_dir), "--recipe", str(recipe),
-                             "--out", str(out), "--samples", "2", "--calib-seqlen", "32"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
-    assert proc.stderr is not None
-    seen = ""
-    deadline = time.time() + 120
-    while "ost:" not in seen and time.time() < deadline:  # the training bar has started
-        seen += proc.stderr.read(1)
-    assert "ost:" in seen, seen[-2000:]
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    rest = proc.communicate(timeout=120)[1]
-    assert proc.returncode != 0, rest[-2000:]
-    assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name not in ("r.json",)] == []
+    recipe = {"name": "slow-ost", "weights": {"bits": 4, "group_size": 16},
+              "transforms": [{"name": "fold_norms"}, {"name": "ost", "steps": 500, "seqlen": 32, "batch": 1}]}
+    interrupt_while_training(llama_dir, tmp_path, recipe, "ost", ["--samples", "2", "--calib-seqlen", "32"])
 
 
 def test_a_bfloat16_model_trains_in_float32_and_keeps_its_dtype(llama_dir: Path) -> None:

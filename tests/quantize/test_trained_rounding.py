@@ -4,11 +4,6 @@ exact merge, and the pipeline on stories260K (plain checkpoints, same bytes, bad
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -365,23 +360,7 @@ def test_bad_training_recipes_fail_before_loading(data: dict[str, Any], message:
         recipe_from_dict({"name": "bad", **data})
 
 
-def test_ctrl_c_during_rounding_training_leaves_nothing_written(tmp_path: Path, stories_dir: Path) -> None:
-    recipe = tmp_path / "r.json"
-    recipe.write_text(json.dumps(_recipe("disc", 2000).to_dict()))
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "model", str(stories_dir), "--recipe", str(recipe),
-                             "--out", str(out), "--samples", "4", "--calib-seqlen", "32"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
-    assert proc.stderr is not None
-    seen = ""
-    deadline = time.time() + 120
-    while "disc:" not in seen and time.time() < deadline:  # the training bar has started
-        seen += proc.stderr.read(1)
-    assert "disc:" in seen, seen[-2000:]
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    rest = proc.communicate(timeout=120)[1]
-    assert proc.returncode != 0, rest[-2000:]
-    assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name != "r.json"] == []
+def test_ctrl_c_during_rounding_training_leaves_nothing_written(tmp_path: Path, stories_dir: Path,  # type: ignore[no-untyped-def]
+                                                               interrupt_while_training) -> None:
+    interrupt_while_training(stories_dir, tmp_path, _recipe("disc", 2000).to_dict(), "disc",
+                             ["--samples", "4", "--calib-seqlen", "32"])
