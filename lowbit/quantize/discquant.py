@@ -53,7 +53,8 @@ def disc_start(
 
 
 class DiscLinear(TrainedLinear):
-    """The twin of one QuantLinear: ``W(x) = s (down + x - z)`` with ``x`` float32 ``[out, in]`` in [0, 1].
+    """The twin of one QuantLinear: ``W(x) = s (down + x - z)`` with ``x`` bfloat16 ``[out, in]`` in [0, 1] (as in
+    the released code; its AdamW states take its dtype, so x and its two moments cost 6 bytes a weight, not 12).
 
     Buffers: ``down`` int8 ``[out, in]`` (the lower candidate code, zero point included, in [qmin, qmax - 1]),
     ``c`` bfloat16 ``[out, in]`` (``2 y - 1``: only the gradient uses it), the start's ``scale`` float32 and
@@ -75,12 +76,12 @@ class DiscLinear(TrainedLinear):
         self.register_buffer("start_up", torch.round(y).bool() if init == "random" else None, persistent=False)
         x0 = {"start": lambda: torch.round(y), "position": lambda: y,
               "random": lambda: torch.rand(y.shape, generator=generator)}[init]()
-        self.x = nn.Parameter(x0.contiguous())
+        self.x = nn.Parameter(to_x_dtype(x0))
         self.hard: torch.Tensor | None = None  # while set (0/1 float32 [out, in]), the student uses it for x
 
     def _codes(self, x: torch.Tensor) -> torch.Tensor:
         """``down + x - z``, float32 ``[out, in]``."""
-        q = self.down.float() + x
+        q = self.down.float() + x.float()
         if self.zero is not None:
             q = q - expand_groups(self.zero, q.shape[1]).float()
         return q
@@ -103,6 +104,22 @@ class DiscLinear(TrainedLinear):
         """Within the block the student uses ``round(x)`` (the checkpoint's codes) or, with ``start``, the start's
         choice; ``x`` itself is untouched."""
         return _hard(self, start)
+
+
+X_DTYPE = torch.bfloat16
+# The bfloat16 values next to 1/2 (8 significant bits): a position on either side of a tie stays on its side.
+BELOW_HALF, ABOVE_HALF = 0.5 - 2.0**-9, 0.5 + 2.0**-8
+
+
+def to_x_dtype(x0: torch.Tensor) -> torch.Tensor:
+    """``x0`` float32 ``[out, in]`` in [0, 1] as :data:`X_DTYPE`, keeping the side of 1/2 each value is on (a
+    position just above a tie must still round up, or zero steps would not reproduce the start)."""
+    x = x0.to(X_DTYPE)
+    up = torch.round(x0) == 1
+    moved = (torch.round(x.float()) == 1) != up
+    if bool(moved.any()):
+        x = torch.where(moved, torch.where(up, ABOVE_HALF, BELOW_HALF).to(X_DTYPE), x)
+    return x.contiguous()
 
 
 @contextlib.contextmanager
