@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM
+# Run as a script, this folder comes first on sys.path, and its kernels.py would shadow the `kernels` package that
+# transformers imports: drop it (as benchmarks/transforms.py does).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import lowbit
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import lowbit  # noqa: E402
 
 
 def main() -> None:
