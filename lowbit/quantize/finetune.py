@@ -46,6 +46,7 @@ from lowbit.models.attention import attention_modules, kv_cache_mode
 from lowbit.models.loading import get_module, set_module
 from lowbit.quantize.options import TrainingOptions
 from lowbit.quantize.rounding import RoundResult
+from lowbit.quantize.transforms.base import device_defaults
 from lowbit.quantize.transforms.distill import head_loss, head_loss_backward
 
 
@@ -90,9 +91,7 @@ class Settings:
     @classmethod
     def resolve(cls, options: TrainingOptions, device: str, seed: int, cpu: dict[str, Any], cuda: dict[str, Any]) -> "Settings":
         """``options`` with each None filled from ``cpu`` or ``cuda`` (by ``device``); ``seed`` where it gives none."""
-        defaults = cuda if device.startswith("cuda") else cpu
-        given = dataclasses.asdict(options)
-        values = {k: defaults[k] if given.get(k) is None else given[k] for k in defaults}
+        values = device_defaults(dataclasses.asdict(options), device, cpu, cuda)
         return cls(init=options.init, rank=options.rank, alpha=options.alpha,
                    seed=seed if options.seed is None else options.seed, **values)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lowbit.formats.grid import compute_params
+from lowbit.formats.grid import compute_params, round_values
 from lowbit.formats.int import _store, expand_groups, mse_clip, round_ste
 from lowbit.formats.precision import Precision
 from lowbit.formats.qtensor import QuantizedWeight
@@ -34,7 +34,6 @@ from lowbit.quantize.finetune import Settings, Start, Switch, TrainedLinear, Tra
 from lowbit.quantize.options import RoundingOptions
 from lowbit.quantize.rounding import RoundResult, register_rounder
 from lowbit.quantize.rtn import from_values, grid_positions
-from lowbit.formats.grid import round_values
 
 LP_NORM = 4.0
 LP_CANDIDATES = 100  # t_k = k absmax / 100, k = 1..100
