@@ -26,7 +26,9 @@ from lowbit.formats.storage import DUAL, FLOAT_SCALES, FP8SCALE, MXFP4, NVFP4, S
 # 2: online transforms (transform_config) and a quantized KV cache (kv_cache_scheme) (docs/FORMAT.md)
 FORMAT_VERSION = 2
 QUANT_METHOD = "compressed-tensors"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # a checkpoint in one file; a larger one is sharded as transformers shards it:
+INDEX_FILE = "model.safetensors.index.json"  # {"metadata": {"total_size": n}, "weight_map": {tensor: shard file}}
+SHARD_PATTERN = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,24 @@ def scheme_for(
         if any(matches(name, class_name, t) for t in targets):
             return ls
     return None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files holding a checkpoint's weights: the shards its index names (in the index's order of
+    first appearance), else every ``*.safetensors`` file of the directory, sorted by name."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return [directory / f for f in dict.fromkeys(weight_map.values())]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LowbitError(f"{index} is not a valid safetensors index: {e}") from None
+    return sorted(directory.glob("*.safetensors"))
+
+
+def weights_size(directory: Path) -> int:
+    """Bytes of a checkpoint's weight files (one file or every shard)."""
+    return sum(f.stat().st_size for f in weight_files(directory))
 
 
 def tensor_nbytes(directory: Path) -> dict[str, int]:
