@@ -7,6 +7,8 @@ Every command turns a LowbitError (bad input) into one readable line and a non-z
 from __future__ import annotations
 
 import json
+import os
+import sys
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -67,6 +69,11 @@ def model_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is an empty directory or a previous lowbit output (never the model directory, a directory containing it, your home directory or /).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward call (>= 1).")] = 8,
     avg_bits: Annotated[Optional[float], typer.Option("--avg-bits", help="Average bits per weight (scales counted) for a BAQ recipe such as baq-3.5; overrides its budget.")] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest weight file (e.g. 5GB, 500MB, 2GiB; GB = 10^9 bytes as in transformers): a larger checkpoint is written as model-0000N-of-0000M.safetensors shards with model.safetensors.index.json.")] = "50GB",  # formats/shards.py DEFAULT_MAX_SHARD_SIZE (not imported: --help stays fast)
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted (killed) run of this same command from its last finished block: the output is byte-identical to an uninterrupted run. Without it, a new run removes such leftovers.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes to split the calibration batches and the rounding among (>= 1): starts torchrun with gloo on the CPU, or NCCL with one GPU per process for --device cuda; the same as `torchrun --nproc-per-node N $(which quantize) model ...`.")] = 1,
+    port: Annotated[Optional[int], typer.Option("--port", help="With --nproc > 1: the localhost port the processes meet on (default: a free one).")] = None,
+    calib_dtype: Annotated[str, typer.Option("--calib-dtype", help="Dtype of the calibration forward passes: float32, or bfloat16 (faster on CPUs with AVX-512 BF16 and on GPUs; Hessians and rounding stay float32).")] = "float32",
     debug: Debug = False,
 ) -> None:
     """Quantize MODEL with a recipe and write a compressed-tensors checkpoint to --out."""
@@ -76,11 +83,34 @@ def model_cmd(
     def go() -> None:
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise LowbitError(f"unknown device {device!r}; valid: cpu, cuda")
+        if nproc < 1:
+            raise LowbitError(f"--nproc must be >= 1, got {nproc}")
+        if nproc > 1:
+            from lowbit.distributed import launch
+
+            raise typer.Exit(launch(nproc, port, _without_launch_options(sys.argv[1:])))
         result = quantize_model(model, recipe, out, calib, samples, calib_seqlen, seed, device, overwrite, batch_size,
-                                avg_bits=avg_bits)
-        print_summary(result)
+                                avg_bits=avg_bits, max_shard_size=max_shard_size, resume=resume, calib_dtype=calib_dtype)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print_summary(result)
 
     guarded(go)(debug=debug)
+
+
+def _without_launch_options(argv: list[str]) -> list[str]:
+    """``argv`` minus ``--nproc N`` and ``--port P`` (``--nproc=N`` forms too): what each torchrun process gets."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--port"):
+            skip = True
+            continue
+        if a.startswith(("--nproc=", "--port=")):
+            continue
+        kept.append(a)
+    return kept
 
 
 @app.command("recipes")

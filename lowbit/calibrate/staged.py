@@ -78,6 +78,7 @@ def _stats(xs: list[torch.Tensor], linear: nn.Module | None = None) -> InputStat
     acc = InputStats(xs[0].shape[-1], xs[0].device)
     for x in xs:
         acc.add(x if t is None else t(x))
+    acc.all_reduce()  # every process's batches (lowbit/distributed.py); nothing alone
     return acc
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.distributed import all_reduce
+
 
 # X^T X is symmetric: only its lower block triangle is accumulated, as row blocks of about TRI_BLOCK columns
 # (each row block i one GEMM X_i^T X[:, :end_i]), and mirrored on read: on the CPU that costs clearly less than
@@ -24,9 +26,10 @@ def triangle_blocks(d: int) -> list[int]:
 class InputStats:
     """Accumulates the Hessian proxy ``X^T X`` and, if asked, the per-channel absmax of a linear's input.
 
-    ``H`` is kept as a float32 sum on the input's device, lower block triangle only (:func:`triangle_blocks`;
-    the strictly upper part of the buffer outside the diagonal blocks stays zero), and is mirrored and
-    normalised on read: ``hessian() = X^T X / n_tokens`` (``[in, in]`` float32, exactly symmetric), the mean
+    ``H`` is kept as a float64 sum of each batch's float32 ``X^T X`` on the input's device (so the sum hardly depends
+    on its order: the same bits whether the batches are summed in one process or split among several and
+    all-reduced, lowbit/distributed.py), lower block triangle only (:func:`triangle_blocks`; the strictly upper
+    part of the buffer outside the diagonal blocks stays zero), and is mirrored and normalised on read: ``hessian() = X^T X / n_tokens`` (``[in, in]`` float32, exactly symmetric), the mean
     outer product over all tokens. ``absmax`` (float32 ``[in]``, or None unless ``absmax=True``) is
     ``max |x|`` per input channel, for scalings such as SmoothQuant's; GPTQ and BAQ do not read it, and its
     two reductions cost time in every block (BENCHMARKS.md, 2026-11-29, code of 06cb03f), so it is off by default.
@@ -36,7 +39,8 @@ class InputStats:
         self.in_features = in_features
         self.n_tokens = 0
         self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device) if absmax else None
-        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self._H = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if hessian else None
+        self._P = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
         self._blocks = triangle_blocks(in_features)
 
     @torch.no_grad()
@@ -47,9 +51,20 @@ class InputStats:
         if self.absmax is not None:
             # max(amax, -amin): two reductions without X.abs()'s [tokens, in] temporary
             self.absmax = torch.maximum(self.absmax, torch.maximum(X.amax(dim=0), X.amin(dim=0).neg_()))
-        if self._H is not None:
+        if self._H is not None and self._P is not None:
             for start, end in zip(self._blocks[:-1], self._blocks[1:]):
-                self._H[start:end, :end].addmm_(X[:, start:end].t(), X[:, :end])
+                P = self._P[start:end, :end]
+                P.addmm_(X[:, start:end].t(), X[:, :end], beta=0)  # this batch's product, float32
+                self._H[start:end, :end].add_(P)
+
+    def all_reduce(self) -> None:
+        """Sum ``H`` and the token count, and max ``absmax``, over the processes of a distributed run (no-op alone)."""
+        if self._H is not None:
+            all_reduce(self._H)
+        n = all_reduce(torch.tensor([self.n_tokens], dtype=torch.float64))
+        self.n_tokens = int(n.item())
+        if self.absmax is not None:
+            all_reduce(self.absmax, "max")
 
     def hessian(self) -> torch.Tensor:
         """``X^T X / n`` over every token seen, float32 ``[in, in]``."""
@@ -57,7 +72,7 @@ class InputStats:
             raise RuntimeError("this accumulator was created without a Hessian")
         # One [in, in] copy: each strictly-lower block is mirrored into the upper part, each diagonal block
         # (a full GEMM, symmetric up to round-off) takes its lower triangle on both sides.
-        H = self._H.clone()
+        H = self._H.to(torch.float32)
         for start, end in zip(self._blocks[:-1], self._blocks[1:]):
             D = H[start:end, start:end]
             D.copy_(D.tril() + D.tril(-1).mT)

@@ -59,6 +59,22 @@ class QuantizedWeight:
         p = self.params.rows(start, stop)
         return QuantizedWeight(self.codes[start:stop].clone(), p.scale, p.zero, self.scheme, self.precision, p.global_scale, p.channel_scale)
 
+    @staticmethod
+    def cat(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
+        """Row blocks of one weight (the inverse of :meth:`rows`), stacked in order; not for a tensor-wide scale."""
+        if len(parts) == 1:
+            return parts[0]
+        if parts[0].scheme.strategy == "tensor":
+            raise ValueError("a tensor-scaled weight cannot be assembled from row blocks")
+
+        def stack(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if ts[0] is None else torch.cat(ts)  # type: ignore[arg-type]
+
+        first = parts[0]
+        return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                               stack([p.zero for p in parts]), first.scheme, first.precision, first.global_scale,
+                               stack([p.channel_scale for p in parts]))
+
     def packed(self) -> torch.Tensor:
         """Integer codes packed along the input dimension: int32 ``[out, ceil(in*bits/32)]`` (formats/packing.py)."""
         if self.scheme.format != "int":

@@ -110,6 +110,21 @@ def remove_leftovers(out: Path) -> str | None:
     return line + (f" (the previous output, moved aside in {restored}, is back in place)" if restored else "")
 
 
+def leftover_staging(out: Path) -> list[Path]:
+    """The staging directories beside ``out`` of processes that are no longer running (what ``--resume`` may take
+    over), by name."""
+    return [p for p, pid in _staged(out.expanduser().absolute(), "tmp") if not _running(pid)]
+
+
+def claim_staging(staged: Path, out: Path) -> Path:
+    """Rename a dead run's staging directory to one named after this process (so no other run removes it) and
+    return the new path."""
+    target = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=staged.parent))
+    target.rmdir()
+    staged.rename(target)
+    return target
+
+
 def staging_dir(out: Path) -> Path:
     """A new empty staging directory beside ``out`` (its parents created), named after this process."""
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,37 +11,57 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import lowbit
-from lowbit.formats.checkpoint import (
-    WEIGHTS_FILE, LayerScheme, OnlineTransform, build_quantization_config, write_checkpoint,
-)
+from lowbit.formats.checkpoint import LayerScheme, OnlineTransform, build_quantization_config, weights_size
+from lowbit.formats.shards import ShardWriter
 from lowbit.formats.scheme import ActScheme
 from lowbit.kernels.online import ONLINE_LOCATIONS, OnlineHadamard
 from lowbit.models.arch import arch_table
 from lowbit.models.attention import KV_ATTR
 from lowbit.formats.storage import FLOAT_SCALES
 from lowbit.kernels.quant_linear import QuantLinear
-from lowbit.quantize.destination import REPORT_FILE, move_into_place, staging_dir
+from lowbit.quantize.destination import REPORT_FILE, move_into_place
 from lowbit.quantize.recipe import Recipe
+from lowbit.quantize.resume import RunState
 from lowbit.quantize.results import LayerResult
 
 
 
 def checkpoint_tensors(model: PreTrainedModel) -> dict[str, Any]:
     """The model's state dict minus the tied ``lm_head.weight`` (safetensors stores shared tensors once)."""
-    sd = model.state_dict()
+    sd = model.state_dict(keep_vars=True)
     if getattr(model.config, "tie_word_embeddings", False):
         for name, _ in model.named_modules():
             if name.endswith("lm_head"):
                 sd.pop(f"{name}.weight", None)
     return sd
+
+
+def write_tensors(model: PreTrainedModel, state: RunState, directory: Path, max_shard_size: int) -> None:
+    """The checkpoint's tensors in the model's order, sharded (formats/shards.py): each decoder block's from the file
+    the run saved when the block was finished (its modules are back on the meta device), the others from ``model``."""
+    blocks = arch_table(model.config.model_type).blocks
+    writer = ShardWriter(directory, max_shard_size)
+    current: tuple[int, Any] | None = None
+    with ExitStack() as stack:
+        for name, tensor in checkpoint_tensors(model).items():
+            if name.startswith(blocks + "."):
+                i = int(name[len(blocks) + 1 :].split(".", 1)[0])
+                if current is None or current[0] != i:
+                    stack.close()
+                    current = (i, stack.enter_context(safe_open(str(state.block_file(i)), framework="pt")))
+                tensor = current[1].get_tensor(name)
+            writer.add(name, tensor)
+        writer.close()
 
 
 def layer_schemes(model: nn.Module) -> tuple[dict[str, LayerScheme], list[str]]:
@@ -110,30 +130,31 @@ def write_output(
     model_dir: Path,
     calib: dict[str, Any],
     overwrite: bool,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None,
+    state: RunState,
+    max_shard_size: int,
 ) -> int:
-    """Write the quantized ``model`` to ``out`` atomically (quantize/destination.py); return the size of its weights
-    file in bytes."""
+    """Write the quantized ``model`` to ``out`` atomically (quantize/destination.py): assembled in the run's staging
+    directory (``state``), whose resumable state is deleted once the checkpoint is complete, then renamed into place
+    (on a failure the pipeline removes the staging directory, or keeps it for ``--resume``). Returns the size of its weight files in bytes."""
     out = out.resolve()
-    tmp = staging_dir(out)
-    try:
-        qlayers, ignore = layer_schemes(model)
-        fallbacks = {l.name: l.fallback for l in layers if l.fallback}
-        info = {"lowbit_version": lowbit.__version__, "recipe": recipe.to_dict(), "group_fallbacks": fallbacks}
-        config = model.config.to_dict()
-        config["quantization_config"] = build_quantization_config(
-            qlayers, ignore, info, online_transforms(model), kv_cache(model)
-        )
-        write_checkpoint(tmp, checkpoint_tensors(model), config)
-        tokenizer.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None and (model_dir / "generation_config.json").exists():
-            shutil.copyfile(model_dir / "generation_config.json", tmp / "generation_config.json")
-        report = {**report_dict(recipe, layers, model_dir, calib), **(extra or {})}
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        size = (tmp / WEIGHTS_FILE).stat().st_size
-        _apply_umask(tmp)
-        move_into_place(tmp, out, overwrite)
-        return size
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tmp = state.staging
+    qlayers, ignore = layer_schemes(model)
+    fallbacks = {l.name: l.fallback for l in layers if l.fallback}
+    info = {"lowbit_version": lowbit.__version__, "recipe": recipe.to_dict(), "group_fallbacks": fallbacks}
+    config = model.config.to_dict()
+    config["quantization_config"] = build_quantization_config(
+        qlayers, ignore, info, online_transforms(model), kv_cache(model)
+    )
+    write_tensors(model, state, tmp, max_shard_size)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None and (model_dir / "generation_config.json").exists():
+        shutil.copyfile(model_dir / "generation_config.json", tmp / "generation_config.json")
+    report = {**report_dict(recipe, layers, model_dir, calib), **(extra or {})}
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    state.discard()
+    size = weights_size(tmp)
+    _apply_umask(tmp)
+    move_into_place(tmp, out, overwrite)
+    return size

@@ -15,6 +15,7 @@ import torch
 from lowbit.formats.precision import Precision
 from lowbit.formats.qtensor import QuantizedWeight
 from lowbit.formats.scheme import WeightScheme
+from lowbit.distributed import split_rows
 from lowbit.quantize.options import RoundingOptions
 
 
@@ -83,6 +84,26 @@ def register_rounder(name: str, needs_hessian: bool) -> Callable[[RoundFn], Roun
 
 
 
+def stack_results(parts: list[RoundResult]) -> RoundResult:
+    """Row blocks of one rounding (consecutive rows, in order) as one result: losses summed, the first note kept."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def stack(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if any(t is None for t in ts) else torch.cat(ts)  # type: ignore[arg-type]
+
+    losses = [p.loss for p in parts]
+    row_loss = stack([p.row_loss for p in parts])
+    if row_loss is not None:
+        loss: float | None = float(row_loss.sum())  # as the method sums it over every row
+    else:
+        loss = None if any(x is None for x in losses) else float(sum(losses))  # type: ignore[arg-type]
+    return RoundResult(
+        QuantizedWeight.cat([p.qweight for p in parts]), loss, next((p.note for p in parts if p.note), None),
+        row_loss, stack([p.positions for p in parts]),
+    )
+
+
 def round_together(
     method: RoundingMethod,
     Ws: list[torch.Tensor],
@@ -100,9 +121,14 @@ def round_together(
     power-of-two pre-scale, scale format "e4m3") would couple the rows, so those are rounded one by one:
     each layer keeps its own tensor-wide scale, as compressed-tensors writes them.
     """
-    if len(Ws) == 1 or scheme.strategy == "tensor" or scheme.scale_format == "e4m3":
+    if scheme.strategy == "tensor" or scheme.scale_format == "e4m3":
         return [method.fn(W, H, scheme, precision, options) for W in Ws]
-    res = method.fn(torch.cat([W.float() for W in Ws]), H, scheme, precision, options)
+    W_all = Ws[0] if len(Ws) == 1 else torch.cat([W.float() for W in Ws])
+    # With several processes (lowbit/distributed.py), each rounds its share of the rows: rows are independent.
+    parts = split_rows(W_all.shape[0], lambda a, b: method.fn(W_all[a:b], H, scheme, precision, options))
+    res = stack_results([p for p in parts if p is not None])
+    if len(Ws) == 1:
+        return [res]
     out, start = [], 0
     for W in Ws:
         stop = start + W.shape[0]

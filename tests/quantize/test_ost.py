@@ -14,12 +14,12 @@ from lowbit.calibrate.sources import calibration_texts
 from lowbit.errors import LowbitError
 from lowbit.formats.scheme import ActScheme, WeightScheme
 from lowbit.models.attention import attention_modules, install_attention
-from lowbit.models.loading import check_model_dir, load_float_model
+from lowbit.models.loading import check_model_dir, get_module, load_float_model
 from lowbit.quantize.destination import REPORT_FILE
 from lowbit.quantize.pipeline import quantize_model
 from lowbit.quantize.recipe import Recipe
 from lowbit.quantize.transforms.apply import apply_model_transforms, check_model
-from lowbit.quantize.transforms.base import TrainContext
+from lowbit.quantize.transforms.base import Scope, TrainContext
 from lowbit.quantize.transforms.ost import OstParams
 from lowbit.quantize.transforms.ost_train import CPU_DEFAULTS, CUDA_DEFAULTS, OstSettings
 from lowbit.quantize.transforms.rotations import fold_norms
@@ -44,7 +44,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _folded(directory: Path) -> tuple[torch.nn.Module, object, object, torch.Tensor]:
     model, tok, table, _ = load_float_model(directory)
     before = _logits(model)
-    fold_norms(model, table, table.geometry(check_model_dir(directory)))
+    fold_norms(model, table, table.geometry(check_model_dir(directory)), Scope(True, tuple(get_module(model, table.blocks))))
     return model, tok, table, before
 
 

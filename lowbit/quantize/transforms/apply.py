@@ -17,7 +17,8 @@ from lowbit.models.arch import ArchTable, Geometry
 from lowbit.calibrate.runner import BlockInputs, run_block
 from lowbit.models.attention import kv_cache_mode
 from lowbit.quantize.transforms import BLOCK, BLOCK_TRAINED, MODEL, TRAINED, TRANSFORMS
-from lowbit.quantize.transforms.base import TrainContext
+from lowbit.models.loading import get_module
+from lowbit.quantize.transforms.base import Scope, TrainContext
 from lowbit.quantize.transforms.rotations import check_sizes
 from lowbit.quantize.transforms.spec import TransformSpec
 
@@ -71,17 +72,49 @@ def apply_model_transforms(
     ``ctx`` (the run's data and quantizers) is needed by trained transforms; returns their reports by name.
     """
     reports: dict[str, Any] = {}
+    everything = Scope(True, tuple(get_module(model, table.blocks)))
     for k, spec in enumerate(specs):
         entry = TRANSFORMS[spec.name]
         if entry.level == MODEL:
             with torch.no_grad():
-                entry.fn(model, table, geometry, **_options(spec))
+                entry.fn(model, table, geometry, everything, **_options(spec))
         elif entry.level == TRAINED:
             if ctx is None:
                 raise LowbitError(f"transform {spec.name!r} trains on calibration data: it runs inside quantize model")
             later = dataclasses.replace(ctx, later=specs[k + 1 :])
             reports[spec.name] = entry.fn(model, table, geometry, later, **_options(spec))
     return reports
+
+
+def streams(specs: tuple[TransformSpec, ...]) -> bool:
+    """Whether the model-level part of ``specs`` can be applied to a model read block by block: no trained transform
+    (those learn over every block at once)."""
+    return all(TRANSFORMS[s.name].level != TRAINED for s in specs)
+
+
+def apply_head_transforms(model: PreTrainedModel, table: ArchTable, geometry: Geometry, specs: tuple[TransformSpec, ...]) -> None:
+    """The model-level transforms of ``specs``, in order, on the modules outside the decoder blocks only."""
+    _apply_scoped(model, table, geometry, specs, Scope(True, ()))
+
+
+def apply_block_transforms(
+    model: PreTrainedModel, table: ArchTable, geometry: Geometry, specs: tuple[TransformSpec, ...], block: nn.Module
+) -> None:
+    """The model-level transforms of ``specs``, in order, on one decoder ``block`` just read (the same edit the whole
+    model gets from :func:`apply_model_transforms`)."""
+    _apply_scoped(model, table, geometry, specs, Scope(False, (block,)))
+
+
+def _apply_scoped(
+    model: PreTrainedModel, table: ArchTable, geometry: Geometry, specs: tuple[TransformSpec, ...], scope: Scope
+) -> None:
+    if not streams(specs):
+        raise LowbitError("a trained transform needs the whole model: it cannot be applied block by block")
+    with torch.no_grad():
+        for spec in specs:
+            entry = TRANSFORMS[spec.name]
+            if entry.level == MODEL:
+                entry.fn(model, table, geometry, scope, **_options(spec))
 
 
 def stage_hook(

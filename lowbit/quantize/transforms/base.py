@@ -1,7 +1,9 @@
 """The transform registry: a dict filled by a decorator, like the rounding methods' (DESIGN.md principle 4).
 
-A model-level transform is ``fn(model, table, geometry, **options) -> None``: it edits the loaded float model in
-place (fusing into weights, adding online modules) and must leave its outputs unchanged up to rounding. A
+A model-level transform is ``fn(model, table, geometry, scope, **options) -> None``: it edits the loaded float model
+in place (fusing into weights, adding online modules) and must leave its outputs unchanged up to rounding; ``scope``
+(:class:`Scope`) says which part to edit, so that a model streamed block by block (models/lazy.py) gets the
+modules outside its blocks edited once and each block as it is read. A
 block-level transform is ``fn(block, table, geometry, **options) -> StageHook``: the staged runner calls the hook
 with each norm output before it is consumed (calibrate/staged.py), and the hook folds what it measures into the
 block. A trained transform (OSTQuant) is ``fn(model, table, geometry, ctx, **options) -> None``: a model-level
@@ -17,11 +19,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lowbit.formats.scheme import ActScheme, WeightScheme
 
 MODEL, BLOCK, TRAINED, BLOCK_TRAINED = "model", "block", "trained", "block-trained"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a model-level transform edits: the model's modules outside its decoder blocks (embedding, final norm,
+    lm_head, the config) when ``head``, and the decoder blocks ``blocks`` (each block's edit depends on that block
+    alone)."""
+
+    head: bool
+    blocks: tuple[nn.Module, ...]
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from lowbit.errors import LowbitError
 from lowbit.formats.hadamard import block_hadamard, has_hadamard, random_signs
 from lowbit.kernels.online import INPUT, K_CACHE, Q_ATTN, OnlineHadamard, TransformedLinear
 from lowbit.models.arch import ArchTable, Geometry
-from lowbit.models.attention import ATTENTION, attention_modules
+from lowbit.models.attention import ATTENTION
 from lowbit.models.loading import get_module, set_module
-from lowbit.quantize.transforms.base import MODEL, register
+from lowbit.quantize.transforms.base import MODEL, Scope, register
 
 
 def _signs(n: int, random: bool, seed: int) -> torch.Tensor | None:
@@ -63,11 +63,10 @@ def _check_rmsnorm(table: ArchTable) -> None:
 
 
 @register("fold_norms", MODEL, description="fold every RMSNorm gain into the linears that read it (gains become 1)")
-def fold_norms(model: PreTrainedModel, table: ArchTable, geometry: Geometry) -> None:
+def fold_norms(model: PreTrainedModel, table: ArchTable, geometry: Geometry, scope: Scope) -> None:
     """``W[:, j] *= gamma[j]`` for every reader of a norm, then ``gamma = 1``; the final norm folds into lm_head,
     which is untied from the embedding first when they share storage."""
     _check_rmsnorm(table)
-    untie(model, table)
 
     def fold(norm: nn.Module, readers: list[nn.Module]) -> None:
         gain = getattr(norm, table.norm_gain)
@@ -76,23 +75,28 @@ def fold_norms(model: PreTrainedModel, table: ArchTable, geometry: Geometry) -> 
         with torch.no_grad():
             gain.data.fill_(1.0)
 
-    for block in get_module(model, table.blocks):
+    for block in scope.blocks:
         for norm, readers in table.norms:
             fold(get_module(block, norm), [get_module(block, r) for r in readers])
-    fold(get_module(model, table.final_norm), [get_module(model, table.lm_head)])
+    if scope.head:
+        untie(model, table)
+        fold(get_module(model, table.final_norm), [get_module(model, table.lm_head)])
 
 
 @register("r1", MODEL, options=("random", "seed"), needs=("fold_norms",),
           description="Hadamard rotation of the residual stream, fused into the embedding and every linear")
-def rotate_residual(model: PreTrainedModel, table: ArchTable, geometry: Geometry, random: bool, seed: int) -> None:
+def rotate_residual(
+    model: PreTrainedModel, table: ArchTable, geometry: Geometry, scope: Scope, random: bool, seed: int
+) -> None:
     """R1: the embedding rows and every reader (and lm_head) ``W <- W Q``, every writer ``W <- Q^T W``."""
     n = geometry.hidden
     s = _signs(n, random, seed)
-    if is_tied(model, table):
-        raise LowbitError("r1 needs lm_head untied from the embedding: list fold_norms before it")
-    _update(get_module(model, table.embed).weight, lambda E: rotate_input_side(E, n, s))
-    _update(get_module(model, table.lm_head).weight, lambda W: rotate_input_side(W, n, s))
-    for block in get_module(model, table.blocks):
+    if scope.head:
+        if is_tied(model, table):
+            raise LowbitError("r1 needs lm_head untied from the embedding: list fold_norms before it")
+        _update(get_module(model, table.embed).weight, lambda E: rotate_input_side(E, n, s))
+        _update(get_module(model, table.lm_head).weight, lambda W: rotate_input_side(W, n, s))
+    for block in scope.blocks:
         for r in table.readers:
             _update(get_module(block, r).weight, lambda W: rotate_input_side(W, n, s))
         for w in table.writers:
@@ -104,12 +108,12 @@ def rotate_residual(model: PreTrainedModel, table: ArchTable, geometry: Geometry
 
 @register("r2", MODEL, options=("random", "seed"),
           description="per-KV-head Hadamard rotation fused into v_proj's outputs and o_proj's inputs")
-def rotate_heads(model: PreTrainedModel, table: ArchTable, geometry: Geometry, random: bool, seed: int) -> None:
+def rotate_heads(model: PreTrainedModel, table: ArchTable, geometry: Geometry, scope: Scope, random: bool, seed: int) -> None:
     """R2: each head's value ``v^h <- v^h Q`` (v_proj rows of the head ``<- Q^T W``), and o_proj's columns of every
     query head ``<- W Q`` (the same Q for every head, so grouped-query attention needs no bookkeeping)."""
     d = geometry.head_dim
     s = _signs(d, random, seed)
-    for block in get_module(model, table.blocks):
+    for block in scope.blocks:
         v, o = get_module(block, table.value), get_module(block, table.out)
         # v_proj rows are [kv_heads * d]: rotating each head's rows is a block-diagonal output-side rotation
         _update(v.weight, lambda W: rotate_output_side(W, d, s))
@@ -120,24 +124,27 @@ def rotate_heads(model: PreTrainedModel, table: ArchTable, geometry: Geometry, r
 
 @register("r3", MODEL, options=("random", "seed"), online=True,
           description="online Hadamard on Q and K after RoPE (QK^T unchanged), for a quantized KV cache")
-def rotate_qk(model: PreTrainedModel, table: ArchTable, geometry: Geometry, random: bool, seed: int) -> None:
+def rotate_qk(model: PreTrainedModel, table: ArchTable, geometry: Geometry, scope: Scope, random: bool, seed: int) -> None:
     """R3: ``R3_q_attn`` and ``R3_k_cache`` children on every attention module, run by models/attention.py."""
     d = geometry.head_dim
     s = _signs(d, random, seed)
-    for _, attn in attention_modules(model, table.blocks, table.attention):
+    for block in scope.blocks:
+        attn = get_module(block, table.attention)
         attn.add_module(f"R3_{Q_ATTN}", OnlineHadamard(d, s))
         attn.add_module(f"R3_{K_CACHE}", OnlineHadamard(d, s))
-    model.set_attn_implementation(ATTENTION)
+    if scope.head:
+        model.set_attn_implementation(ATTENTION)
 
 
 @register("r4", MODEL, options=("random", "seed", "block"), online=True,
           description="online Hadamard on the down_proj input, its transpose fused into down_proj")
 def rotate_down(
-    model: PreTrainedModel, table: ArchTable, geometry: Geometry, random: bool, seed: int, block: int | None
+    model: PreTrainedModel, table: ArchTable, geometry: Geometry, scope: Scope, random: bool, seed: int,
+    block: int | None,
 ) -> None:
     """R4: ``x <- x Q`` in front of down_proj (an ``R4_input`` child) and ``W_down <- W_down Q``."""
     b, s = r4_rotation(geometry, block, random, seed)
-    for layer in get_module(model, table.blocks):
+    for layer in scope.blocks:
         down = get_module(layer, table.down)
         _update(down.weight, lambda W: rotate_input_side(W, b, s))
         set_module(layer, table.down, TransformedLinear.wrap(down, f"R4_{INPUT}", OnlineHadamard(b, s)))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.distributed import all_reduce
 from lowbit.calibrate.staged import StageHook, input_of_linear
 from lowbit.models.arch import ArchTable, Geometry
 from lowbit.models.loading import get_module
@@ -28,7 +29,8 @@ EPS = 1e-5  # the reference's clamp on the scales
 
 def _absmax(xs: list[torch.Tensor]) -> torch.Tensor:
     """Per-channel ``max |x|`` over every token of every batch: ``[D]`` float64."""
-    return torch.stack([x.detach().abs().reshape(-1, x.shape[-1]).amax(0) for x in xs]).amax(0).double()
+    local = torch.stack([x.detach().abs().reshape(-1, x.shape[-1]).amax(0) for x in xs]).amax(0).double()
+    return all_reduce(local, "max")  # over every process's batches in a distributed run (lowbit/distributed.py)
 
 
 def migration_scales(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:

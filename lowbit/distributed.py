@@ -1,0 +1,189 @@
+"""Several processes with torch.distributed: each rank runs a share of the calibration batches through every block,
+the statistics are all-reduced before rounding, the rounding of a block's linears is split across ranks, and rank 0
+writes the output.
+
+A run is distributed when ``torchrun`` (or ``quantize model --nproc N``, which starts torchrun) sets ``WORLD_SIZE``
+> 1: gloo on the CPU, NCCL with ``--device cuda`` (rank r on GPU ``LOCAL_RANK``). What keeps the output equal to a
+one-process run's:
+
+- the calibration batches are the same ``--batch-size`` slices of the same windows, rank r taking a contiguous run
+  of them, so every batch's forward pass computes the same numbers (CPU GEMMs here give the same bits with 1 or 2
+  threads: tests/quantize/test_distributed.py);
+- Hessians are summed in float64 from each batch's float32 ``X^T X`` (calibrate/stats.py), so the order of the sum
+  (one rank's batches, then the all-reduce) changes it only where the terms span more than ~2^25 in magnitude, and
+  then by under one float32 rounding after the cast;
+- rounding splits the rows of a (concatenated) weight among the ranks: rows are independent given the Hessian
+  (quantize/rounding.py), and each rank's rows are computed as in the one-process run only up to the GEMMs over
+  fewer rows; tests/quantize/test_distributed.py compares the codes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from lowbit.errors import LowbitError
+
+T = TypeVar("T")
+TIMEOUT = datetime.timedelta(minutes=30)  # a rank waits this long for the others in a collective
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run: ``rank`` of ``world`` processes, and the device it computes on."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str) -> Ranks:
+    """Join the process group that torchrun described in the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``/``MASTER_PORT``); a single process when ``WORLD_SIZE`` is unset or 1.
+
+    Raises:
+        LowbitError: one line when the group cannot be formed (a port that is taken, a rank that never came).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(0, 1, device)
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        if torch.cuda.device_count() <= local:
+            raise LowbitError(f"rank {rank}: --device cuda needs one GPU per process, but torch sees {torch.cuda.device_count()}")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
+        except (RuntimeError, ValueError) as exc:
+            raise LowbitError(f"rank {rank}: cannot join the process group: {one_line(exc)}") from None
+    return Ranks(rank, world, device)
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def batch_share(n_windows: int, batch_size: int, ranks: Ranks) -> slice:
+    """The windows of rank ``r``: a contiguous run of whole batches (batch ``k`` is windows ``[k*b, (k+1)*b)``)."""
+    n_batches = -(-n_windows // batch_size)
+    if n_batches < ranks.world:
+        raise LowbitError(f"{n_batches} calibration batches cannot be shared by {ranks.world} processes: "
+                          "raise --samples or lower --batch-size")
+    first = n_batches * ranks.rank // ranks.world
+    last = n_batches * (ranks.rank + 1) // ranks.world
+    return slice(first * batch_size, min(last * batch_size, n_windows))
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``t`` summed (or maxed) over the ranks, in place; unchanged in a single process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise LowbitError(f"another process of the run failed: {one_line(exc)}") from None
+    return t
+
+
+def all_gather(value: T) -> list[T]:
+    """Every rank's ``value`` (a picklable object between the run's own processes), in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    found: list[Any] = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(found, value)
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise LowbitError(f"another process of the run failed: {one_line(exc)}") from None
+    return found
+
+
+def broadcast(value: T) -> T:
+    """Rank 0's ``value`` on every rank."""
+    return all_gather(value)[0]
+
+
+def barrier() -> None:
+    all_gather(None)
+
+
+def split_rows(n_rows: int, fn: Callable[[int, int], T]) -> list[T]:
+    """``fn(start, stop)`` on this rank's contiguous share of ``n_rows`` rows; every rank's results, in row order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [fn(0, n_rows)]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    start, stop = n_rows * rank // world, n_rows * (rank + 1) // world
+    return all_gather(fn(start, stop) if stop > start else None)
+
+
+def shutdown() -> None:
+    """Leave the process group (end of the run)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_TORCHRUN_LOG = re.compile(r"^(?:[WEI]\d{4} \d\d:\d\d:|\[[WEI] |Traceback \(most recent call last\))")
+
+
+def launch(nproc: int, port: int | None, argv: list[str]) -> int:
+    """``quantize <argv>`` in ``nproc`` processes started by torchrun (torch.distributed.run); returns the exit code.
+
+    The processes' output (rank 0's progress bars, each distinct ``error:`` line once) is passed through; torchrun's
+    own log lines and its failure report are not, and when a process died without a word one line says so.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    cmd += ["--standalone"] if port is None else ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    cmd += ["-m", "lowbit.cli", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
+    assert proc.stderr is not None
+    errors: list[str] = []
+    quiet, pending, taken = False, b"", False
+    try:
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            pending += chunk
+            while True:
+                cut = max(pending.find(b"\n"), -1)
+                if cut < 0:
+                    break
+                line, pending = pending[: cut + 1], pending[cut + 1 :]
+                text = line.decode(errors="replace")
+                taken = taken or "address already in use" in text.lower() or "EADDRINUSE" in text
+                if _TORCHRUN_LOG.match(text.lstrip("\r")):
+                    quiet = True
+                if text.startswith("error:"):
+                    if text not in errors:
+                        errors.append(text)
+                        sys.stderr.write(text)
+                elif not quiet:
+                    sys.stderr.write(text)
+            if pending.startswith(b"\r") and not quiet:  # a progress bar's update: show it now
+                sys.stderr.write(pending.decode(errors="replace"))
+                pending = b""
+            sys.stderr.flush()
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        sys.stderr.write("interrupted\n")
+        return 130
+    if code != 0 and not errors:
+        if taken:
+            sys.stderr.write(f"error: port {port} is taken: pick another --port, or leave it out for a free one\n")
+        else:
+            sys.stderr.write(f"error: a process of the run died (torchrun exit code {code}); nothing was written\n")
+    return code
