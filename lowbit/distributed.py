@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -138,12 +139,25 @@ def shutdown() -> None:
 _TORCHRUN_LOG = re.compile(r"^(?:[WEI]\d{4} \d\d:\d\d:|\[[WEI] |Traceback \(most recent call last\))")
 
 
+def check_port(port: int) -> None:
+    """One line if ``port`` cannot be bound on localhost (taken, or out of range); torchrun would wait for a peer there."""
+    if not 0 < port < 65536:
+        raise LowbitError(f"--port {port} is not a port number (1-65535)")
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise LowbitError(f"--port {port} is taken ({exc.strerror}): pick another, or leave --port out for a free one") from None
+
+
 def launch(nproc: int, port: int | None, argv: list[str]) -> int:
     """``quantize <argv>`` in ``nproc`` processes started by torchrun (torch.distributed.run); returns the exit code.
 
     The processes' output (rank 0's progress bars, each distinct ``error:`` line once) is passed through; torchrun's
     own log lines and its failure report are not, and when a process died without a word one line says so.
     """
+    if port is not None:
+        check_port(port)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     cmd += ["--standalone"] if port is None else ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
     cmd += ["-m", "lowbit.cli", *argv]

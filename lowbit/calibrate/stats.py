@@ -51,11 +51,17 @@ class InputStats:
         if self.absmax is not None:
             # max(amax, -amin): two reductions without X.abs()'s [tokens, in] temporary
             self.absmax = torch.maximum(self.absmax, torch.maximum(X.amax(dim=0), X.amin(dim=0).neg_()))
-        if self._H is not None and self._P is not None:
+        if self._H is not None:
+            if self._P is None:
+                self._P = torch.empty_like(self._H, dtype=torch.float32)
             for start, end in zip(self._blocks[:-1], self._blocks[1:]):
                 P = self._P[start:end, :end]
                 P.addmm_(X[:, start:end].t(), X[:, :end], beta=0)  # this batch's product, float32
                 self._H[start:end, :end].add_(P)
+
+    def release(self) -> None:
+        """Drop the accumulated sums (once the Hessian has been read for the last time): memory for the next one."""
+        self._H, self._P = None, None
 
     def all_reduce(self) -> None:
         """Sum ``H`` and the token count, and max ``absmax``, over the processes of a distributed run (no-op alone)."""
@@ -70,6 +76,7 @@ class InputStats:
         """``X^T X / n`` over every token seen, float32 ``[in, in]``."""
         if self._H is None:
             raise RuntimeError("this accumulator was created without a Hessian")
+        self._P = None  # the per-batch scratch: made again if more batches come
         # One [in, in] copy: each strictly-lower block is mirrored into the upper part, each diagonal block
         # (a full GEMM, symmetric up to round-off) takes its lower triangle on both sides.
         H = self._H.to(torch.float32)

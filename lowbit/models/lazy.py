@@ -104,6 +104,19 @@ class LazyModel:
         """Free block ``i``'s tensors (the block goes back to the meta device; its modules stay)."""
         self.blocks[i].to("meta")
 
+    def release_head(self) -> None:
+        """Free the parameters outside the blocks (embedding, final norm, lm_head: back to meta) once they are saved
+        elsewhere; buffers (rotary tables) stay."""
+        replaced: dict[int, nn.Parameter] = {}  # a tied lm_head shares the embedding's parameter: one replacement
+        for name, module in self.model.named_modules():
+            if name == self.table.blocks or name.startswith(self.table.blocks + "."):
+                continue
+            for key, p in list(module._parameters.items()):
+                if p is not None:
+                    if id(p) not in replaced:
+                        replaced[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                    module._parameters[key] = replaced[id(p)]
+
     def load_all(self) -> None:
         """Materialise every block (recipes that need the whole float model at once)."""
         for i in range(len(self.blocks)):

@@ -48,11 +48,13 @@ def checkpoint_tensors(model: PreTrainedModel) -> dict[str, Any]:
 
 def write_tensors(model: PreTrainedModel, state: RunState, directory: Path, max_shard_size: int) -> None:
     """The checkpoint's tensors in the model's order, sharded (formats/shards.py): each decoder block's from the file
-    the run saved when the block was finished (its modules are back on the meta device), the others from ``model``."""
+    the run saved when the block was finished (its modules are back on the meta device), the others from the head
+    file saved before the block loop if there is one (quantize/resume.py), else from ``model``."""
     blocks = arch_table(model.config.model_type).blocks
     writer = ShardWriter(directory, max_shard_size)
     current: tuple[int, Any] | None = None
-    with ExitStack() as stack:
+    with ExitStack() as stack, ExitStack() as head_stack:
+        head = head_stack.enter_context(safe_open(str(state.head_file), framework="pt")) if state.head_file.is_file() else None
         for name, tensor in checkpoint_tensors(model).items():
             if name.startswith(blocks + "."):
                 i = int(name[len(blocks) + 1 :].split(".", 1)[0])
@@ -60,6 +62,8 @@ def write_tensors(model: PreTrainedModel, state: RunState, directory: Path, max_
                     stack.close()
                     current = (i, stack.enter_context(safe_open(str(state.block_file(i)), framework="pt")))
                 tensor = current[1].get_tensor(name)
+            elif head is not None:
+                tensor = head.get_tensor(name)
             writer.add(name, tensor)
         writer.close()
 

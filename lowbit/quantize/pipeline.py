@@ -51,7 +51,7 @@ from lowbit.quantize import baq
 from lowbit.quantize.destination import check_destination
 from lowbit.quantize.finetune import Settings, Start, finetune
 from lowbit.quantize.methods import ROUNDERS, TRAINERS
-from lowbit.quantize.output import write_output
+from lowbit.quantize.output import checkpoint_tensors, write_output
 from lowbit.quantize.recipe import Recipe, load_recipe
 from lowbit.quantize.resume import RunState, fingerprint
 from lowbit.quantize.results import LayerResult, QuantizeResult
@@ -169,6 +169,7 @@ def quantize_block(
         if not names:
             return
         H = stats.hessian()
+        stats.release()  # the float64 sums are read once: their memory is free for the rounding
         schemes: dict[str, tuple[WeightScheme, WeightScheme]] = {}  # name -> (requested, applied)
         for n in names:
             requested, applied = recipe.weights, base
@@ -521,6 +522,10 @@ def _block_loop(
     t1 = time.perf_counter()
     fmodel, table, device = lazy.model, lazy.table, ranks.device
     inputs = capture_block_inputs(fmodel, table, windows, batch_size, device)
+    if not keep_starts:  # the trained rounding needs the embedding and lm_head after the loop; else they wait on disk
+        state.save_head({k: v for k, v in checkpoint_tensors(fmodel).items() if not k.startswith(table.blocks + ".")},
+                        ranks.rank)
+        lazy.release_head()
     blocks = lazy.blocks
     layers: list[LayerResult] = state.layers()
     block_reports: list[dict[str, object]] = list(state.record["block_reports"])

@@ -2,6 +2,8 @@
 
 The staging directory (quantize/destination.py) holds, under ``.resume/``:
 
+- ``head.safetensors``: the tensors outside the decoder blocks, transformed, written before the block loop (the
+  embedding and lm_head are not kept in memory while the blocks run);
 - ``block-0000i.safetensors``: block ``i``'s finished tensors (its quantized linears and norms, full names), which
   are also what the final shards are assembled from;
 - ``inputs-0000i-rank<r>.safetensors``: the calibration inputs of block ``i`` on rank ``r`` (``hidden.<k>`` per
@@ -101,6 +103,16 @@ class RunState:
         if cleaned and progress:
             tqdm.write(cleaned + " (pass --resume to continue one instead)", file=sys.stderr)
         return cls(staging_dir(out), key)
+
+    @property
+    def head_file(self) -> Path:
+        """The tensors outside the decoder blocks (embedding, final norm, lm_head), as transformed."""
+        return self.directory / "head.safetensors"
+
+    def save_head(self, tensors: dict[str, torch.Tensor], rank: int) -> None:
+        """The model's tensors outside its blocks, kept on disk until the output is assembled (rank 0 writes)."""
+        if rank == 0:
+            write_file(self.head_file, tensors)
 
     def block_file(self, i: int) -> Path:
         return self.directory / f"block-{i:05d}.safetensors"
