@@ -7,14 +7,16 @@ A run is distributed when ``torchrun`` (or ``quantize model --nproc N``, which s
 one-process run's:
 
 - the calibration batches are the same ``--batch-size`` slices of the same windows, rank r taking a contiguous run
-  of them, so every batch's forward pass computes the same numbers (CPU GEMMs here give the same bits with 1 or 2
-  threads: tests/quantize/test_distributed.py);
+  of them, so every batch's forward pass computes the same numbers (CPU GEMMs give the same bits on 1 or 2
+  threads; torchrun gives each process ``cpu_count // N`` threads);
 - Hessians are summed in float64 from each batch's float32 ``X^T X`` (calibrate/stats.py), so the order of the sum
   (one rank's batches, then the all-reduce) changes it only where the terms span more than ~2^25 in magnitude, and
   then by under one float32 rounding after the cast;
-- rounding splits the rows of a (concatenated) weight among the ranks: rows are independent given the Hessian
-  (quantize/rounding.py), and each rank's rows are computed as in the one-process run only up to the GEMMs over
-  fewer rows; tests/quantize/test_distributed.py compares the codes.
+- rounding splits the rows of a (concatenated) weight among the ranks (quantize/rounding.py): given the Hessian,
+  each row's codes, scales and loss depend on that row alone; GPTQ factors the Hessian on one thread (LAPACK's
+  result depends on the thread count). What may still differ is a row's arithmetic in the GEMMs of GPTQ's lazy
+  updates, which run over fewer rows per process; on stories260K the two outputs are the same bytes
+  (tests/quantize/test_scale.py) and BENCHMARKS.md counts the codes that differ on SmolLM2.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def _gptq(
     threads: int = 1, positions: bool = False,
 ) -> RoundResult:
     """The body of :func:`gptq` (scheme already resolved for the layer); the factorisation and the scale
-    refit, large dense products, run on ``threads`` intra-op threads (the caller's count), the rest on one.
+    refit's large dense products run on ``threads`` intra-op threads (the caller's count), the rest on one.
 
     Everything that depends on H alone (dead columns, order, damping, the inverse factor U) is done once;
     the column loop then runs on all rows at once: in C on ``threads`` row slices (a row's codes, scales
@@ -147,8 +147,9 @@ def _gptq(
 
     gs = scheme.columns_per_scale(in_f) if scheme.strategy != "tensor" else in_f
     perm = column_order(H.diagonal(), gs, options.order)
-    with _num_threads(threads):  # dense: every core helps (BENCHMARKS.md, 2026-11-28, code of 92d95fb)
-        U, note = inverse_hessian_factor(H[perm][:, perm], options.damp)
+    # On one thread: LAPACK's Cholesky and inverse give other bits on two threads than on one, and the output must
+    # not depend on the thread count (tests/quantize/test_scale.py); GEMMs, below and in the refit, do not.
+    U, note = inverse_hessian_factor(H[perm][:, perm], options.damp)
     if U is None:
         return _fallback(W, scheme, precision, options, f"{note}: fell back to RTN", positions)
 

@@ -509,6 +509,35 @@ def open_state(out: Path, key: str, resume: bool, progress: bool, ranks: Ranks) 
     return state if state is not None else RunState(Path(staging), key, done, record)
 
 
+def restore_block(
+    lazy: LazyModel, i: int, results: list[LayerResult], recipe: Recipe, precision: Precision, geometry: Geometry | None,
+) -> None:
+    """Give a block finished by an earlier (killed) run the modules it had when it was saved, on the meta device: its
+    tensors are in the run's block file; the output's config needs its layers' schemes and online transforms.
+
+    The float block is read and transformed again (``geometry`` given: the model-level transforms per block) so that
+    its online modules are those of the run; each rounded linear becomes a QuantLinear of the scheme its result
+    names.
+    """
+    block = lazy.load_block(i)
+    if geometry is not None:
+        apply_block_transforms(lazy.model, lazy.table, geometry, recipe.transforms, block)
+    for r in results:
+        linear = get_module(lazy.model, r.name)
+        scheme = dataclasses.replace(recipe.weights, bits=r.bits, strategy=r.strategy, group_size=r.group_size,
+                                     symmetric=r.symmetric)
+        if scheme.name != r.scheme:
+            raise LowbitError(f"--resume: cannot rebuild {r.name} ({r.scheme}) from the recipe; drop --resume")
+        with torch.device("meta"):
+            ql = QuantLinear(linear.in_features, linear.out_features, scheme, recipe.activations, precision.dtype,
+                             linear.bias is not None, scale_dtype=precision.scale_dtype)
+        online = online_child(linear, INPUT)
+        if online is not None:
+            ql.set_input_transform(*online)
+        set_module(lazy.model, r.name, ql)
+    lazy.release_block(i)
+
+
 def _block_loop(
     lazy: LazyModel, windows: torch.Tensor, state: RunState, ranks: Ranks, recipe: Recipe, precision: Precision,
     base: WeightScheme, allocated: dict[str, WeightScheme] | None, timings: dict[str, float], geometry: Geometry | None,
@@ -537,7 +566,8 @@ def _block_loop(
         inputs.hidden = [h.to(device) for h in hidden]
         fp_stream = None if saved is None else [h.to(device) for h in saved]
         for i in range(state.done):
-            lazy.release_block(i)
+            restore_block(lazy, i, [r for r in layers if r.name.startswith(f"{table.blocks}.{i}.")], recipe, precision,
+                          None if whole else geometry)
     trained_s = 0.0  # the block-trained transform's share of the loop: counted under "transform", not "blocks"
     bar = tqdm(range(state.done, len(blocks)), desc=f"quantize {recipe.name}", unit="block", disable=not progress,
                total=len(blocks), initial=state.done)

@@ -8,7 +8,8 @@ from typing import Any
 
 from lowbit.errors import LowbitError
 from lowbit.formats.checkpoint import (
-    WEIGHTS_FILE, OnlineTransform, layer_nbytes, parse_quantization_config, parse_transform_config, tensor_nbytes,
+    OnlineTransform, layer_nbytes, parse_quantization_config, parse_transform_config, tensor_nbytes, weight_files,
+    weights_size,
 )
 from lowbit.quantize.destination import REPORT_FILE
 from lowbit.quantize.results import QuantizeResult
@@ -68,7 +69,10 @@ def inspect_dir(directory: Path) -> dict[str, Any]:
     if qc is None:
         raise LowbitError(f"{directory} is not quantized (config.json has no quantization_config)")
     groups, ignore = parse_quantization_config(qc)
-    weights = directory / WEIGHTS_FILE
+    files = weight_files(directory)  # model.safetensors, or the shards model.safetensors.index.json names
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise LowbitError(f"{directory}: weight files named by its index are missing: {', '.join(missing[:3])}")
     report_path = directory / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     # Bits per weight from the bytes the files hold for each layer the report lists (its shape gives the count).
@@ -91,7 +95,7 @@ def inspect_dir(directory: Path) -> dict[str, Any]:
         ],
         "ignore": ignore,
         "size_before": report.get("float_bytes"),
-        "size_after": weights.stat().st_size if weights.is_file() else None,
+        "size_after": weights_size(directory) if files else None,
         "bits_per_weight": bits,
         "group_fallbacks": {l["name"]: l["fallback"] for l in layers if l.get("fallback")},
         "layers": layers,
