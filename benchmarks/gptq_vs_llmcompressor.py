@@ -299,13 +299,13 @@ def run_ours(args: argparse.Namespace, tokenizer: Any, text: str) -> dict[str, A
     t0, c0 = time.perf_counter(), cpu_snapshot()
     result = lowbit.quantize_model(args.model, recipe, args.workdir / f"lowbit-{recipe.name}", samples=args.samples,
                                    calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True,
-                                   batch_size=args.ours_batch_size)
+                                   batch_size=args.ours_batch_size, calib_dtype=args.calib_dtype)
     quant_s, cpu = time.perf_counter() - t0, cpu_since(c0)
     peak = peak_rss()
     model = lowbit.load(result.out)
     ppl = perplexity(model, tokenizer, text, seqlen=args.ppl_seqlen, limit=args.limit)
     row = {
-        "name": f"lowbit-{recipe.name}", "tool": f"lowbit {lowbit.__version__}",
+        "name": f"lowbit-{recipe.name}" + ("" if args.calib_dtype == "float32" else f"-calib-{args.calib_dtype}"), "tool": f"lowbit {lowbit.__version__}",
         "scheme": f"{recipe.method}: {recipe.description}", "quantize_s": round(quant_s, 2), **cpu,
         "rss_before_mib": rss1, "peak_rss_mib": peak, "loadavg_1m_after": os.getloadavg()[0], "bits_per_weight": round(result.bits_per_weight, 3),
         "out": str(result.out), **_ppl(ppl),
@@ -344,6 +344,7 @@ def main() -> None:
     ap.add_argument("--llmc-batch-size", type=int, default=8,
                     help="llm-compressor calibration batch size (its own default is 1; 8 matches lowbit's)")
     ap.add_argument("--ours-batch-size", type=int, default=8, help="lowbit calibration batch size")
+    ap.add_argument("--calib-dtype", default="float32", help="lowbit --calib-dtype for --ours: float32 or bfloat16")
     ap.add_argument("--pipeline", default="sequential", help="llm-compressor calibration pipeline for GPTQ")
     ap.add_argument("--ppl-seqlen", type=int, default=2048, help="perplexity window")
     ap.add_argument("--limit", type=int, default=16, help="perplexity windows scored")

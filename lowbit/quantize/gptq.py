@@ -52,21 +52,26 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor |
     same again on top of a diagonal floor of 1e-6 .. 1e-1 of ``max(diag H)``. Returns (None, reason)
     when everything fails, else (U, a note if anything beyond the plain damping was needed).
     """
-    n = H.shape[0]
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     max_diag = float(H.diagonal().abs().max())
+    # At most three [in, in] matrices besides H at any time (the damped copy, then L, then the inverse and U): a 5632
+    # wide down_proj's factorisation is 127 MB a matrix, which sets the peak memory of a 1B model's block.
     for k in range(FLOOR_TRIES + 1):
-        Hk = H
+        diag = H.diagonal()
         if k:
             f = 1e-6 * max(max_diag, 1e-12) * 10 ** (k - 1)
-            Hk = H.clone()
-            Hk.diagonal().copy_((H.diagonal() + f).clamp_min(f))
-        mean_diag = float(Hk.diagonal().mean())
+            diag = (H.diagonal() + f).clamp_min(f)
+        mean_diag = float(diag.mean())
         d = damp
         while d < 1:
-            L, info = torch.linalg.cholesky_ex(Hk + (d * mean_diag) * eye)
+            A = H.clone()
+            A.diagonal().copy_(diag + d * mean_diag)
+            L, info = torch.linalg.cholesky_ex(A)
+            del A
             if int(info) == 0:
-                U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+                inverse = torch.cholesky_inverse(L)
+                del L
+                U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                del inverse
                 if int(info) == 0 and bool(torch.isfinite(U).all()):
                     note = None
                     if k or d > damp:
@@ -140,16 +145,18 @@ def _gptq(
     """
     out_f, in_f = W.shape
     W = W.float().clone()
-    H = H.float().clone()
+    H = H.float()
     dead = H.diagonal() == 0  # inputs that were always zero: any weight is fine, use 0
-    H[dead, dead] = 1.0
+    if bool(dead.any()):  # a copy only then: H is the caller's, and a 1B model's is 127 MB
+        H = H.clone()
+        H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
     gs = scheme.columns_per_scale(in_f) if scheme.strategy != "tensor" else in_f
     perm = column_order(H.diagonal(), gs, options.order)
     # On one thread: LAPACK's Cholesky and inverse give other bits on two threads than on one, and the output must
     # not depend on the thread count (tests/quantize/test_scale.py); GEMMs, below and in the refit, do not.
-    U, note = inverse_hessian_factor(H[perm][:, perm], options.damp)
+    U, note = inverse_hessian_factor(H[perm[:, None], perm], options.damp)
     if U is None:
         return _fallback(W, scheme, precision, options, f"{note}: fell back to RTN", positions)
 

@@ -561,10 +561,11 @@ def _block_loop(
     learner = block_trained(recipe.transforms)
     starts: dict[str, Start] | None = {} if keep_starts else None
     fp_stream = list(inputs.hidden) if learner is not None else None  # the float model's block inputs (targets)
-    if state.done:
+    if 0 < state.done < len(blocks):
         hidden, saved = state.load_inputs(ranks.rank)
         inputs.hidden = [h.to(device) for h in hidden]
         fp_stream = None if saved is None else [h.to(device) for h in saved]
+    if state.done:
         for i in range(state.done):
             restore_block(lazy, i, [r for r in layers if r.name.startswith(f"{table.blocks}.{i}.")], recipe, precision,
                           None if whole else geometry)
@@ -598,5 +599,6 @@ def _block_loop(
         distributed.barrier()  # every rank's inputs of block i + 1 are on disk before the block counts as done
         state.commit(i + 1, layers, block_reports, ranks.rank)
         lazy.release_block(i)
+        release_free_heap()  # the block's freed weights, Hessians and GPTQ buffers: the next block starts level
     del inputs
     return layers, block_reports, starts, time.perf_counter() - t1, trained_s

@@ -41,7 +41,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(pipeline, "load_float_model", refuse)
+    monkeypatch.setattr(pipeline, "open_lazy_model", refuse)
 
 
 def _one_line_exit_2(args: list[str], match: str) -> None:
@@ -163,11 +163,19 @@ def test_a_failing_writer_keeps_the_old_output(stories_dir: Path, tmp_path: Path
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(output, "write_checkpoint", broken)
+    monkeypatch.setattr(output, "write_tensors", broken)
     with pytest.raises(OSError, match="disk full"):
         quantize_model(stories_dir, "w8a8", out, overwrite=True, **SMALL)
     assert _tree(out) == before
+    # Every block had finished: the staging directory stays, holding them for --resume, and nothing else
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left[1:] == ["o"] and left[0].startswith(".o.tmp-")
+    assert (tmp_path / left[0] / ".resume" / "state.json").is_file()
+    (tmp_path / left[0]).rename(tmp_path / f".o.tmp-{_dead_pid()}-x")  # as if this process had been killed
+    monkeypatch.undo()
+    quantize_model(stories_dir, "w8a8", out, overwrite=True, resume=True, **SMALL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no staging or old directory left
+    assert json.loads((out / "quantize_report.json").read_text())["recipe"]["name"] == "w8a8"
 
 
 def test_a_failing_final_rename_puts_the_old_output_back(tmp_path: Path) -> None:

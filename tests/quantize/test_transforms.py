@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lowbit
+from lowbit.models.lazy import LazyModel
 from lowbit.calibrate.runner import capture_block_inputs, run_block
 from lowbit.calibrate.staged import run_block_staged
 from lowbit.errors import LowbitError
@@ -171,7 +172,7 @@ def test_model_without_a_hadamard_size_fails_before_loading(tmp_path: Path, stor
     def no_load(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(pipeline, "load_float_model", no_load)
+    monkeypatch.setattr(pipeline, "open_lazy_model", no_load)
     with pytest.raises(LowbitError, match=r"r4: no Hadamard matrix of order 172 \(intermediate_size\)"):
         quantize_model(stories_dir, "w4a8-rot", tmp_path / "o", samples=2, calib_seqlen=16, progress=False)
     with pytest.raises(LowbitError, match="r4: block 24 does not divide intermediate_size 172"):
@@ -225,6 +226,9 @@ def test_online_checkpoint_writes_a_valid_transform_config_and_loads_back(tmp_pa
     kept: list[torch.nn.Module] = []
     write_output = pipeline.write_output
     monkeypatch.setattr(pipeline, "write_output", lambda model, *a, **k: (kept.append(model), write_output(model, *a, **k))[1])
+    # keep the pipeline's model in memory whole (a run frees each finished block and the head) to compare with
+    monkeypatch.setattr(LazyModel, "release_block", lambda self, i: None)
+    monkeypatch.setattr(LazyModel, "release_head", lambda self: None)
     recipe = dataclasses.replace(PRESETS["w4a4kv4-rot"], transforms=FUSED + (T("r3", random=True, seed=5), T("r4")))
     out = tmp_path / "online"
     quantize_model(llama_dir, recipe, out, samples=8, calib_seqlen=32, progress=False)
