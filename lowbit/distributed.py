@@ -8,7 +8,8 @@ one-process run's:
 
 - the calibration batches are the same ``--batch-size`` slices of the same windows, rank r taking a contiguous run
   of them, so every batch's forward pass computes the same numbers (CPU GEMMs give the same bits on 1 or 2
-  threads; torchrun gives each process ``cpu_count // N`` threads);
+  threads; ``--nproc`` gives each process ``cpu_count // N`` threads, plain torchrun 1 unless ``OMP_NUM_THREADS``
+  is set);
 - Hessians are summed in float64 from each batch's float32 ``X^T X`` (calibrate/stats.py), so the order of the sum
   (one rank's batches, then the all-reduce) changes it only where the terms span more than ~2^25 in magnitude, and
   then by under one float32 rounding after the cast;
@@ -98,7 +99,7 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         try:
             dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         except (RuntimeError, dist.DistBackendError) as exc:
-            raise LowbitError(f"another process of the run failed: {one_line(exc)}") from None
+            raise LowbitError(f"{OTHER_FAILED}: {one_line(exc)}") from None
     return t
 
 
@@ -110,7 +111,7 @@ def all_gather(value: T) -> list[T]:
     try:
         dist.all_gather_object(found, value)
     except (RuntimeError, dist.DistBackendError) as exc:
-        raise LowbitError(f"another process of the run failed: {one_line(exc)}") from None
+        raise LowbitError(f"{OTHER_FAILED}: {one_line(exc)}") from None
     return found
 
 
@@ -138,6 +139,8 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+OTHER_FAILED = "another process of the run failed"
+_ERROR_LINE = re.compile(r"(?:^|\r|\])(error: [^\r\n]*)")
 _TORCHRUN_LOG = re.compile(r"^(?:[WEI]\d{4} \d\d:\d\d:|\[[WEI] |Traceback \(most recent call last\))")
 
 
@@ -168,36 +171,46 @@ def launch(nproc: int, port: int | None, argv: list[str]) -> int:
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
     assert proc.stderr is not None
     errors: list[str] = []
-    quiet, pending, taken = False, b"", False
+    quiet, pending, taken, mid_line = False, b"", False, False
+
+    def show(text: str) -> None:
+        nonlocal mid_line
+        sys.stderr.write(text)
+        mid_line = not text.endswith("\n")
+
     try:
         while chunk := os.read(proc.stderr.fileno(), 65536):
             pending += chunk
-            while True:
-                cut = max(pending.find(b"\n"), -1)
-                if cut < 0:
-                    break
+            while (cut := pending.find(b"\n")) >= 0:
                 line, pending = pending[: cut + 1], pending[cut + 1 :]
                 text = line.decode(errors="replace")
-                taken = taken or "address already in use" in text.lower() or "EADDRINUSE" in text
+                taken = taken or "address already in use" in text.lower()
                 if _TORCHRUN_LOG.match(text.lstrip("\r")):
                     quiet = True
-                if text.startswith("error:"):
-                    if text not in errors:
-                        errors.append(text)
-                        sys.stderr.write(text)
-                elif not quiet:
-                    sys.stderr.write(text)
+                error = _ERROR_LINE.search(text)
+                if error is not None:  # a process's one-line error, maybe after a progress bar's last update
+                    if error.group(1) not in errors:
+                        errors.append(error.group(1))
+                    text = text[: error.start(1)]
+                if text.strip() and not quiet:
+                    show(text)
             if pending.startswith(b"\r") and not quiet:  # a progress bar's update: show it now
-                sys.stderr.write(pending.decode(errors="replace"))
+                show(pending.decode(errors="replace"))
                 pending = b""
             sys.stderr.flush()
         code = proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait()
-        sys.stderr.write("interrupted\n")
+        sys.stderr.write("\ninterrupted\n")
         return 130
-    if code != 0 and not errors:
+    if mid_line:
+        sys.stderr.write("\n")
+    # One line: the process that failed first says why; the others only saw it go ("another process ... failed").
+    own = [e for e in errors if OTHER_FAILED not in e]
+    if own or errors:
+        sys.stderr.write((own or errors)[0] + "\n")
+    elif code != 0:
         if taken:
             sys.stderr.write(f"error: port {port} is taken: pick another --port, or leave it out for a free one\n")
         else:

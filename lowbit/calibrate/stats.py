@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lowbit.distributed import all_reduce
@@ -23,6 +25,16 @@ def triangle_blocks(d: int) -> list[int]:
     return sorted({0, d, *range(step, d, step)})
 
 
+def exact_math() -> contextlib.ExitStack:
+    """A context with autocast off (``--calib-dtype bfloat16`` runs the forward passes under it): statistics,
+    rounding and errors are computed in float32 whatever the calibration dtype."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
+
+
 class InputStats:
     """Accumulates the Hessian proxy ``X^T X`` and, if asked, the per-channel absmax of a linear's input.
 
@@ -40,22 +52,26 @@ class InputStats:
         self.n_tokens = 0
         self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device) if absmax else None
         self._H = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if hessian else None
-        self._P = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
         self._blocks = triangle_blocks(in_features)
+        self._P: torch.Tensor | None = None  # one row block's float32 product: [rows of the widest block, in]
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``x [..., in]`` (any float dtype)."""
-        X = x.reshape(-1, self.in_features).float()  # [tokens, in]
+        with exact_math():
+            self._add(x.reshape(-1, self.in_features).float())  # [tokens, in]
+
+    def _add(self, X: torch.Tensor) -> None:
         self.n_tokens += X.shape[0]
         if self.absmax is not None:
             # max(amax, -amin): two reductions without X.abs()'s [tokens, in] temporary
             self.absmax = torch.maximum(self.absmax, torch.maximum(X.amax(dim=0), X.amin(dim=0).neg_()))
         if self._H is not None:
             if self._P is None:
-                self._P = torch.empty_like(self._H, dtype=torch.float32)
+                rows = max(e - b for b, e in zip(self._blocks[:-1], self._blocks[1:]))
+                self._P = torch.empty(rows, self.in_features, dtype=torch.float32, device=self._H.device)
             for start, end in zip(self._blocks[:-1], self._blocks[1:]):
-                P = self._P[start:end, :end]
+                P = self._P[: end - start, :end]
                 P.addmm_(X[:, start:end].t(), X[:, :end], beta=0)  # this batch's product, float32
                 self._H[start:end, :end].add_(P)
 
@@ -67,7 +83,8 @@ class InputStats:
         """Sum ``H`` and the token count, and max ``absmax``, over the processes of a distributed run (no-op alone)."""
         if self._H is not None:
             all_reduce(self._H)
-        n = all_reduce(torch.tensor([self.n_tokens], dtype=torch.float64))
+        device = self._H.device if self._H is not None else (self.absmax.device if self.absmax is not None else "cpu")
+        n = all_reduce(torch.tensor([self.n_tokens], dtype=torch.float64, device=device))  # NCCL: a GPU tensor
         self.n_tokens = int(n.item())
         if self.absmax is not None:
             all_reduce(self.absmax, "max")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError
 from lowbit.formats.scheme import ActScheme, WeightScheme
@@ -28,7 +27,6 @@ FORMAT_VERSION = 2
 QUANT_METHOD = "compressed-tensors"
 WEIGHTS_FILE = "model.safetensors"  # a checkpoint in one file; a larger one is sharded as transformers shards it:
 INDEX_FILE = "model.safetensors.index.json"  # {"metadata": {"total_size": n}, "weight_map": {tensor: shard file}}
-SHARD_PATTERN = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -252,7 +250,7 @@ def tensor_nbytes(directory: Path) -> dict[str, int]:
     """Bytes each tensor of the directory's safetensors files takes, read from the files' headers (8 bytes of
     header length, then its JSON: ``name -> {dtype, shape, data_offsets}``); no tensor data is read."""
     sizes: dict[str, int] = {}
-    for path in sorted(directory.glob("*.safetensors")):
+    for path in weight_files(directory):
         try:
             with open(path, "rb") as f:
                 header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
@@ -265,20 +263,6 @@ def tensor_nbytes(directory: Path) -> dict[str, int]:
 def layer_nbytes(sizes: dict[str, int], layer: str) -> int:
     """Bytes of a quantized linear's weight tensors (``<layer>.weight``, ``<layer>.weight_*``; not its bias)."""
     return sum(n for k, n in sizes.items() if k == f"{layer}.weight" or k.startswith(f"{layer}.weight_"))
-
-
-def write_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    """Write ``model.safetensors`` and ``config.json`` (with its quantization_config) into ``out_dir``."""
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    # One metadata key only: safetensors writes metadata in hash-map order, and the same inputs must give
-    # byte-identical files (the format version lives in config.json).
-    save_file(contiguous, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-# Online transform types and locations lowbit applies (kernels/online.py, models/attention.py).
-TRANSFORM_TYPES = ("hadamard", "random-hadamard")
-TRANSFORM_LOCATIONS = ("input", "q_attn", "k_cache")
 
 
 @dataclass(frozen=True)

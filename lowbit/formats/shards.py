@@ -45,7 +45,7 @@ def parse_size(text: str | int) -> int:
         number = s[: len(s) - len(unit)]
         try:
             value = int(float(number) * _UNITS.get(unit, 1))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise LowbitError(f"--max-shard-size {text!r} is not a size: write e.g. 5GB, 500MB or 2GiB") from None
     if value <= 0:
         raise LowbitError(f"--max-shard-size must be positive, got {text!r}")
@@ -154,6 +154,8 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             shard.add(name, t)
         tmp = path.with_name(path.name + ".tmp")
         shard.close(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before a state file names it (quantize/resume.py)
         tmp.rename(path)
     finally:
         for spool in shard.spools.values():

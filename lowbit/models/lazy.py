@@ -11,7 +11,7 @@ are not in the checkpoint, such as the rotary ``inv_freq``, are computed by tran
 with the checkpoint's tensors. A block holds only parameters and persistent buffers, all of which must be in the
 checkpoint (the llama/qwen/mistral blocks of models/arch.py do). The tensors are the checkpoint's, cast to the
 model dtype as ``from_pretrained(dtype="auto")`` casts them: a model read here computes exactly what
-:func:`lowbit.models.loading.load_float_model` loads (tests/models/test_lazy.py).
+:func:`lowbit.models.loading.load_float_model` loads (tests/quantize/test_scale.py).
 """
 
 from __future__ import annotations

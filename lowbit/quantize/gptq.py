@@ -135,8 +135,8 @@ def _gptq(
     W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, precision: Precision, options: RoundingOptions,
     threads: int = 1, positions: bool = False,
 ) -> RoundResult:
-    """The body of :func:`gptq` (scheme already resolved for the layer); the factorisation and the scale
-    refit's large dense products run on ``threads`` intra-op threads (the caller's count), the rest on one.
+    """The body of :func:`gptq` (scheme already resolved for the layer); the scale refit's large dense products run
+    on ``threads`` intra-op threads (the caller's count), the rest, the factorisation included, on one.
 
     Everything that depends on H alone (dead columns, order, damping, the inverse factor U) is done once;
     the column loop then runs on all rows at once: in C on ``threads`` row slices (a row's codes, scales

@@ -111,7 +111,7 @@ def report_dict(recipe: Recipe, layers: list[LayerResult], model_dir: Path, cali
         "calibration": calib,
         "bits_per_weight": sum(l.storage_bits for l in layers) / max(n_params, 1),
         "quantized_params": n_params,
-        "float_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
+        "float_bytes": weights_size(model_dir),
         "layers": [{**asdict(l), "bits_per_weight": l.bits_per_weight} for l in layers],
     }
 
@@ -143,6 +143,9 @@ def write_output(
     (on a failure the pipeline removes the staging directory, or keeps it for ``--resume``). Returns the size of its weight files in bytes."""
     out = out.resolve()
     tmp = state.staging
+    for leftover in tmp.iterdir():  # what a killed write left in a resumed staging directory: written again below
+        if leftover != state.directory:
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     qlayers, ignore = layer_schemes(model)
     fallbacks = {l.name: l.fallback for l in layers if l.fallback}
     info = {"lowbit_version": lowbit.__version__, "recipe": recipe.to_dict(), "group_fallbacks": fallbacks}

@@ -30,7 +30,7 @@ from lowbit.calibrate.fisher import collect_sensitivity_stats
 from lowbit.calibrate.runner import BlockInputs, capture_block_inputs
 from lowbit.calibrate.staged import run_block_staged
 from lowbit.calibrate.sources import calibration_texts
-from lowbit.calibrate.stats import InputStats, relative_output_error
+from lowbit.calibrate.stats import InputStats, exact_math, relative_output_error
 from lowbit.calibrate.windows import calibration_windows
 from lowbit import distributed, native
 from lowbit.distributed import Ranks, batch_share
@@ -165,6 +165,10 @@ def quantize_block(
     results: list[LayerResult] = []
 
     def on_group(index: int, stats: InputStats) -> None:
+        with exact_math():  # float32 rounding and errors under --calib-dtype bfloat16's autocast
+            round_group(index, stats)
+
+    def round_group(index: int, stats: InputStats) -> None:
         names = [n for n in table.sequential[index] if not is_ignored(f"{prefix}.{n}", recipe.ignore)]
         if not names:
             return
@@ -217,8 +221,14 @@ def quantize_block(
             if keep is not None:
                 keep[f"{prefix}.{n}"] = Start.on_cpu(W, res)  # the block may be on the GPU
 
-    before = None if geometry is None else stage_hook(block, table, geometry, recipe.transforms)
-    outputs = run_block_staged(block, table, inputs, on_group, before)
+    hook = None if geometry is None else stage_hook(block, table, geometry, recipe.transforms)
+
+    def before(index: int, xs: list[torch.Tensor], kwargs: list[dict[str, object]]) -> bool:
+        assert hook is not None
+        with exact_math():  # a transform's measurements and folding in float32
+            return hook(index, xs, kwargs)
+
+    outputs = run_block_staged(block, table, inputs, on_group, None if hook is None else before)
     for r in results:
         get_module(block, r.name[len(prefix) + 1 :])._w_hat = None  # keep the packed codes, not a float copy
     return outputs, results
@@ -482,13 +492,12 @@ def quantize_model(
             extra["trained_transforms"] = trained
         t1 = time.perf_counter()
         size_after = 0
-        if ranks.rank == 0:
+        if ranks.rank == 0:  # the others are done (torchrun waits for every process; no collective here to time out)
             size_after = write_output(fmodel, tokenizer, out, recipe, layers, model_dir, calib_info, overwrite, extra,
                                       state, shard_bytes)
-        distributed.barrier()
         timings["write"] = time.perf_counter() - t1
     except BaseException:
-        keep = state.done > 0 and trainer is None and state.staging.exists()
+        keep = state.done > 0 and trainer is None and state.resumable()
         if not keep:
             shutil.rmtree(state.staging, ignore_errors=True)
         elif progress:
@@ -582,7 +591,8 @@ def _block_loop(
             if learner is not None and fp_stream is not None and geometry is not None:
                 t2 = time.perf_counter()
                 fp_stream = float_block_outputs(block, fp_stream, inputs.kwargs)
-                block_reports.append(train_block(block, table, geometry, learner, inputs, fp_stream, ctx))
+                with exact_math():  # the block-trained transform trains in float32, as the others
+                    block_reports.append(train_block(block, table, geometry, learner, inputs, fp_stream, ctx))
                 trained_s += time.perf_counter() - t2
             outputs, results = quantize_block(
                 block, prefix, inputs, table, recipe, precision, base, allocated, timings, geometry, starts

@@ -15,13 +15,14 @@ The staging directory (quantize/destination.py) holds, under ``.resume/``:
 ``--resume`` looks for a leftover staging directory of a dead process beside ``--out`` whose fingerprint equals this
 run's (same lowbit and torch, model files, recipe, calibration, seed, sizes, device, number of processes), takes
 it over and continues from block ``done``: every block before it is read back instead of computed, and the output
-is byte-identical to an uninterrupted run's (tests/quantize/test_resume.py).
+is byte-identical to an uninterrupted run's (tests/quantize/test_scale.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -140,7 +141,10 @@ class RunState:
             return
         state = {"fingerprint": self.key, "done": done, "layers": [asdict(r) for r in layers], "block_reports": block_reports}
         tmp = self.directory / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, sort_keys=True))
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(state, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())  # the block files it names were synced before (formats/shards.write_file)
         tmp.rename(self.directory / STATE_FILE)
         for f in self.directory.glob("inputs-*.safetensors"):
             if int(f.name.split("-")[1]) < done:
@@ -162,6 +166,10 @@ class RunState:
     def layers(self) -> list[LayerResult]:
         """The saved per-layer results of the finished blocks."""
         return [LayerResult(**{**d, "shape": tuple(d["shape"])}) for d in self.record["layers"]]
+
+    def resumable(self) -> bool:
+        """Whether ``--resume`` can take this staging directory over (its state file is there)."""
+        return (self.directory / STATE_FILE).is_file()
 
     def discard(self) -> None:
         """Delete the state once the output is complete (the block files have been copied into the shards)."""
