@@ -22,6 +22,7 @@ one-process run's:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import re
@@ -130,7 +131,43 @@ def split_rows(n_rows: int, fn: Callable[[int, int], T]) -> list[T]:
         return [fn(0, n_rows)]
     world, rank = dist.get_world_size(), dist.get_rank()
     start, stop = n_rows * rank // world, n_rows * (rank + 1) // world
-    return all_gather(fn(start, stop) if stop > start else None)
+    mine = fn(start, stop) if stop > start else None
+    device = _device_of(mine)
+    # through the CPU: an unpickled CUDA tensor would land on the GPU of the rank that sent it
+    return [moved(part, device) for part in all_gather(moved(mine, "cpu"))]
+
+
+def moved(obj: Any, device: torch.device | str | None) -> Any:
+    """``obj`` with every tensor inside (dataclasses, tuples, lists, dicts) on ``device`` (None: unchanged)."""
+    if device is None or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: moved(getattr(obj, f.name), device) for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(moved(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: moved(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _device_of(obj: Any) -> torch.device | None:
+    """The device of the first tensor inside ``obj`` (see :func:`moved`), or None."""
+    if isinstance(obj, torch.Tensor):
+        return obj.device
+    values: list[Any] = []
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        values = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, (tuple, list)):
+        values = list(obj)
+    elif isinstance(obj, dict):
+        values = list(obj.values())
+    for v in values:
+        d = _device_of(v)
+        if d is not None:
+            return d
+    return None
 
 
 def shutdown() -> None:
