@@ -421,6 +421,7 @@ def quantize_model(
         lazy.load_all()
     torch.manual_seed(seed)
     windows = calibration_windows(texts, tokenizer, samples, calib_seqlen, seed)
+    release_free_heap()  # the tokenizer's temporaries over the whole text: ~250 MB that glibc would keep
     share = batch_share(windows.shape[0], batch_size, ranks)
     timings["load"] = time.perf_counter() - t0
     precision = recipe.precision(lazy.dtype)
@@ -564,6 +565,7 @@ def _block_loop(
         state.save_head({k: v for k, v in checkpoint_tensors(fmodel).items() if not k.startswith(table.blocks + ".")},
                         ranks.rank)
         lazy.release_head()
+        release_free_heap()
     blocks = lazy.blocks
     layers: list[LayerResult] = state.layers()
     block_reports: list[dict[str, object]] = list(state.record["block_reports"])
