@@ -60,7 +60,7 @@ def guarded(fn: Callable[..., None]) -> Callable[..., None]:
 def model_cmd(
     model: ModelArg = None,
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Preset name (see `quantize recipes`) or a .json/.yaml recipe file.")] = "w4a16",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory, written atomically: a failed run leaves nothing, and leftovers of a killed run beside it are removed by the next run.")] = Path("out/quantized"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory, written atomically: a failed or killed run never leaves a partial OUT; its finished blocks stay in a staging directory beside it for --resume, and a run without --resume removes them.")] = Path("out/quantized"),
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text: .txt, .json list of strings, .jsonl with a 'text' field, or a datasets dataset saved to disk. Default: $LOWBIT_DATA_DIR/calib/wikipedia.txt, else wikitext-2 train.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Number of calibration windows (>= 1).")] = 128,
     calib_seqlen: Annotated[int, typer.Option("--calib-seqlen", help="Tokens per calibration window (2 .. the model's max_position_embeddings).")] = 512,
