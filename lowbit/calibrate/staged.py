@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lowbit.memory import release_free_heap
 from lowbit.calibrate.runner import BlockInputs
 from lowbit.calibrate.stats import InputStats
 from lowbit.kernels.online import input_transform
@@ -62,12 +63,14 @@ def _consume(xs: list[Any], fn: Callable[[int, torch.Tensor], torch.Tensor]) -> 
     """``[fn(k, xs[k]) for k]``, each ``xs[k]`` dropped from the list once its result exists.
 
     The per-batch lists are the stream's size (151 MB for SmolLM2's calibration; the down_proj inputs
-    403 MB): holding a list and its successor whole would make the block's peak one list larger.
+    403 MB): holding a list and its successor whole would make the block's peak one list larger, and so would
+    glibc keeping the freed batches (9.4 MB each, under the mmap threshold) resident between live ones.
     """
     out = []
     for k in range(len(xs)):
         out.append(fn(k, xs[k]))
         xs[k] = None
+        release_free_heap()  # the batch just freed sits between live ones in glibc's heap: give its pages back
     return out
 
 

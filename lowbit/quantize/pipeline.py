@@ -13,7 +13,6 @@ block's inputs) see the quantized ones: errors propagate, as in the GPTQ referen
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import os
 import re
@@ -33,6 +32,7 @@ from lowbit.calibrate.sources import calibration_texts
 from lowbit.calibrate.stats import InputStats, exact_math, relative_output_error
 from lowbit.calibrate.windows import calibration_windows
 from lowbit import distributed, native
+from lowbit.memory import limit_heap_fragmentation, release_free_heap
 from lowbit.distributed import Ranks, batch_share
 from lowbit.errors import LowbitError
 from lowbit.formats.checkpoint import weights_size
@@ -61,46 +61,6 @@ from lowbit.quantize.transforms.apply import (
     float_block_outputs, stage_hook, streams, train_block,
 )
 from lowbit.quantize.transforms.base import TrainContext
-
-
-def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-def limit_heap_fragmentation() -> None:
-    """Have glibc serve every allocation of 16 MiB or more with its own mmap, returned to the OS on free.
-
-    The calibration pass allocates and frees tensors of 1-400 MB in changing sizes; with glibc's default
-    dynamic threshold those end up in the heap after the first frees, which fragments: SmolLM2 w4a16 peaks
-    over the float model + 2 GiB. A low fixed threshold (1 MiB) keeps the peak down but makes every temporary
-    of the forward pass a fresh mmap whose pages the kernel faults in and zeroes, at a large cost in system
-    time. At 16 MiB the batch activations ([8, 512, 576] float32, 9.4 MB) reuse heap memory and the 25 MB MLP
-    tensors and larger still get their own mmap: under the memory target, and nearly as fast as glibc's
-    default (BENCHMARKS.md, 2026-11-28, the allocator table, code of cb06c95). A no-op where the C library is
-    not glibc.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 16 << 20)  # M_TRIM_THRESHOLD: give freed heap tops back beyond 16 MiB
-
-
-def release_free_heap() -> None:
-    """Give the pages of glibc's free heap chunks back to the OS (``malloc_trim(0)``); a no-op elsewhere.
-
-    Called after BAQ's sensitivity pass: its 400 MB of Hessians (allocations under the 16 MiB mmap
-    threshold) and the autograd buffers are freed between live blocks of the heap, which glibc keeps
-    resident: without the trim the rounding pass starts with them still counted (BENCHMARKS.md, 2026-11-29,
-    code of 70ca3af).
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
