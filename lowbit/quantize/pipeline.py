@@ -1,13 +1,18 @@
 """The pipeline: transform -> calibrate -> round -> pack, one decoder block at a time.
 
-The recipe's model-level transforms (rotations, quantize/transforms/) edit the loaded float model first, so bit
-allocation, calibration and rounding all see the transformed model; block-level ones (SmoothQuant) run inside
-the staged runner, through its hook, just before a norm's output is measured and consumed.
+The float model is read from its safetensors files one block at a time (models/lazy.py): the recipe's model-level
+transforms (rotations, quantize/transforms/) edit the modules outside the blocks once and each block as it is read,
+so calibration and rounding see the transformed model; recipes that train or allocate bits over the whole model
+(trained transforms, trained rounding, BAQ) read every block first. Block-level transforms (SmoothQuant) run
+inside the staged runner, through its hook, just before a norm's output is measured and consumed.
 
 For each block, the staged runner (calibrate/staged.py) walks the calibration batches through the block
 one true-sequential sub-group at a time; as soon as a sub-group's input Hessian is complete, its linears
 are rounded and swapped for QuantLinear modules, so later sub-groups and the block's outputs (the next
-block's inputs) see the quantized ones: errors propagate, as in the GPTQ reference, in one pass.
+block's inputs) see the quantized ones: errors propagate, as in the GPTQ reference, in one pass. The finished
+block's tensors and the next block's inputs are saved in the staging directory (quantize/resume.py: ``--resume``),
+the block is released, and the output's shards are assembled from those files at the end (quantize/output.py).
+Under torchrun each process runs its share of the batches (lowbit/distributed.py).
 """
 
 from __future__ import annotations
