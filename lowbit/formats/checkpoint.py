@@ -265,6 +265,11 @@ def layer_nbytes(sizes: dict[str, int], layer: str) -> int:
     return sum(n for k, n in sizes.items() if k == f"{layer}.weight" or k.startswith(f"{layer}.weight_"))
 
 
+# Online transform types and locations lowbit applies (kernels/online.py, models/attention.py).
+TRANSFORM_TYPES = ("hadamard", "random-hadamard")
+TRANSFORM_LOCATIONS = ("input", "q_attn", "k_cache")
+
+
 @dataclass(frozen=True)
 class OnlineTransform:
     """One online transform of a checkpoint: config group ``group`` applies a ``kind`` transform (a block-diagonal
