@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import shutil
 import sys
 import time
@@ -30,11 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.calibrate.fisher import collect_sensitivity_stats
-from lowbit.calibrate.runner import BlockInputs, capture_block_inputs
-from lowbit.calibrate.staged import run_block_staged
+from lowbit.calibrate.runner import capture_block_inputs
 from lowbit.calibrate.sources import calibration_texts
-from lowbit.calibrate.stats import InputStats, exact_math, relative_output_error
+from lowbit.calibrate.stats import exact_math
 from lowbit.calibrate.windows import calibration_windows
 from lowbit import distributed, native
 from lowbit.memory import limit_heap_fragmentation, release_free_heap
@@ -44,224 +41,27 @@ from lowbit.formats.checkpoint import weights_size
 from lowbit.formats.precision import Precision
 from lowbit.formats.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from lowbit.formats.scheme import WeightScheme
-from lowbit.formats.storage import stored_bits
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.kernels.online import INPUT, online_child
-from lowbit.models.arch import ArchTable, Geometry, arch_table
+from lowbit.models.arch import Geometry, arch_table
 from lowbit.models.attention import attention_modules, install_attention
 from lowbit.models.lazy import LazyModel, open_lazy_model
 from lowbit.models.loading import check_model_dir, get_module, model_path, resolve_model_dir, set_module
 from lowbit.native import gptq_columns
-from lowbit.quantize import baq
+from lowbit.quantize.allocation import bit_allocation
+from lowbit.quantize.block import model_scheme, quantize_block
 from lowbit.quantize.destination import check_destination
 from lowbit.quantize.finetune import Settings, Start, finetune
-from lowbit.quantize.methods import ROUNDERS, TRAINERS
+from lowbit.quantize.methods import TRAINERS
 from lowbit.quantize.output import checkpoint_tensors, write_output
 from lowbit.quantize.recipe import Recipe, load_recipe
 from lowbit.quantize.resume import RunState, fingerprint
 from lowbit.quantize.results import LayerResult, QuantizeResult
-from lowbit.quantize.rounding import RoundResult, round_together
 from lowbit.quantize.transforms.apply import (
     apply_block_transforms, apply_head_transforms, apply_model_transforms, block_trained, check_model,
-    float_block_outputs, stage_hook, streams, train_block,
+    float_block_outputs, streams, train_block,
 )
 from lowbit.quantize.transforms.base import TrainContext
-
-
-def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
-    """True if module ``name`` matches a recipe ignore pattern (a name, a ``.``-suffix, or ``re:regex``)."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.match(p[3:], name):
-                return True
-        elif name == p or name.endswith("." + p):
-            return True
-    return False
-
-
-def _fallback_note(requested: WeightScheme, applied: WeightScheme, in_features: int) -> str | None:
-    if requested == applied:
-        return None
-    if in_features % (requested.group_size or 1) == 0:
-        return f"group {requested.group_size} -> {applied.group_size}: one group size for every layer of the model"
-    if applied.strategy == "channel":
-        return f"group {requested.group_size} does not divide in_features {in_features}: per-channel scales"
-    return f"group {requested.group_size} does not divide in_features {in_features}: group {applied.group_size}"
-
-
-def model_scheme(model: nn.Module, table: ArchTable, recipe: Recipe) -> WeightScheme:
-    """The recipe's weight scheme with the group size shared by every quantized linear of ``model``."""
-    blocks = get_module(model, table.blocks)
-    ins = [
-        get_module(block, n).in_features
-        for i, block in enumerate(blocks)
-        for n in table.linears
-        if not is_ignored(f"{table.blocks}.{i}.{n}", recipe.ignore)
-    ]
-    return recipe.weights.for_model(ins)
-
-
-def quantize_block(
-    block: nn.Module,
-    prefix: str,
-    inputs: BlockInputs,
-    table: ArchTable,
-    recipe: Recipe,
-    precision: Precision,
-    base: WeightScheme,
-    allocated: dict[str, WeightScheme] | None = None,
-    timings: dict[str, float] | None = None,
-    geometry: Geometry | None = None,
-    keep: dict[str, Start] | None = None,
-) -> tuple[list[torch.Tensor], list[LayerResult]]:
-    """Quantize the linears of one block in place, true-sequentially; return its outputs and per-layer results.
-
-    Args:
-        precision: the model dtype and the scale storage dtype, resolved once for the run (Recipe.precision).
-        base: the recipe's weight scheme with the model-wide group size (``model_scheme``).
-        allocated: full layer name -> the scheme bit allocation chose for it (width, and group size and
-            symmetry where the allocation chooses them), overriding the recipe's.
-        timings: if given, the seconds spent in the rounding method are added to its "rounding" entry.
-        geometry: the model's sizes, needed by a block-level transform (SmoothQuant) of the recipe.
-        keep: if given, each layer's float weight and rounding result are stored in it under the full layer
-            name (the start of a trained rounding, quantize/finetune.py).
-    """
-    method = ROUNDERS[recipe.method]
-    results: list[LayerResult] = []
-
-    def on_group(index: int, stats: InputStats) -> None:
-        with exact_math():  # float32 rounding and errors under --calib-dtype bfloat16's autocast
-            round_group(index, stats)
-
-    def round_group(index: int, stats: InputStats) -> None:
-        names = [n for n in table.sequential[index] if not is_ignored(f"{prefix}.{n}", recipe.ignore)]
-        if not names:
-            return
-        H = stats.hessian()
-        stats.release()  # the float64 sums are read once: their memory is free for the rounding
-        schemes: dict[str, tuple[WeightScheme, WeightScheme]] = {}  # name -> (requested, applied)
-        for n in names:
-            requested, applied = recipe.weights, base
-            if allocated is not None:
-                requested = applied = allocated[f"{prefix}.{n}"]
-            schemes[n] = (requested, applied.for_layer(get_module(block, n).in_features))
-        rounded: dict[str, RoundResult] = {}
-        for scheme in dict.fromkeys(applied for _, applied in schemes.values()):  # same input, same scheme: one call
-            together = [n for n in names if schemes[n][1] == scheme]
-            t0 = time.perf_counter()
-            Ws = [get_module(block, n).weight.data for n in together]
-            res = round_together(method, Ws, H if method.needs_hessian else None, scheme, precision, recipe.rounding)
-            rounded.update(zip(together, res))
-            if timings is not None:
-                timings["rounding"] = timings.get("rounding", 0.0) + time.perf_counter() - t0
-        for n in names:
-            linear = get_module(block, n)
-            W = linear.weight.data
-            requested, scheme = schemes[n]
-            res = rounded[n]
-            bias = linear.bias.data if linear.bias is not None else None
-            ql = QuantLinear.from_quantized(res.qweight, recipe.activations, precision.dtype, bias).to(W.device)
-            online = online_child(linear, INPUT)
-            if online is not None:  # the rotation in front of the float linear stays in front of the quantized one
-                ql.set_input_transform(*online)
-            W_hat = res.qweight.dequantize(torch.float32)
-            results.append(
-                LayerResult(
-                    name=f"{prefix}.{n}",
-                    shape=(ql.out_features, ql.in_features),
-                    bits=scheme.bits,
-                    strategy=scheme.strategy,
-                    group_size=scheme.group_size,
-                    fallback=_fallback_note(requested, scheme, ql.in_features),
-                    storage_bits=stored_bits(scheme, ql.out_features, ql.in_features, precision.scale_dtype),
-                    weight_rel_err=float((W.float() - W_hat).norm() / W.float().norm().clamp_min(1e-30)),
-                    output_rel_err=relative_output_error(W, W_hat, H),
-                    loss=res.loss,
-                    note=res.note,
-                    symmetric=scheme.symmetric,
-                    scheme=scheme.name,
-                )
-            )
-            set_module(block, n, ql)
-            if keep is not None:
-                keep[f"{prefix}.{n}"] = Start.on_cpu(W, res)  # the block may be on the GPU
-
-    hook = None if geometry is None else stage_hook(block, table, geometry, recipe.transforms)
-
-    def before(index: int, xs: list[torch.Tensor], kwargs: list[dict[str, object]]) -> bool:
-        assert hook is not None
-        with exact_math():  # a transform's measurements and folding in float32
-            return hook(index, xs, kwargs)
-
-    outputs = run_block_staged(block, table, inputs, on_group, None if hook is None else before)
-    for r in results:
-        get_module(block, r.name[len(prefix) + 1 :])._w_hat = None  # keep the packed codes, not a float copy
-    return outputs, results
-
-
-def baq_candidates(base: WeightScheme, recipe: Recipe, in_features: int) -> tuple[dict[WeightScheme, WeightScheme], WeightScheme]:
-    """BAQ's options for a layer with ``in_features`` inputs (each scheme resolved for the layer), and the reference.
-
-    Widths from ``baq.widths`` (plus the recipe's, the reference), the model-wide group and
-    ``baq.group_sizes``, the recipe's symmetry and, with ``baq.asymmetric``, the asymmetric grid.
-    """
-    assert recipe.baq is not None
-    opts = recipe.baq
-    widths = sorted(set(opts.widths) | {base.bits})
-    groups = [base.group_size] + ([g for g in opts.group_sizes if g != base.group_size] if base.strategy == "group" else [])
-    symmetric = [base.symmetric] + ([False] if opts.asymmetric and base.symmetric else [])
-    found: dict[WeightScheme, WeightScheme] = {}
-    for b in widths:
-        for g in groups:
-            for sym in symmetric:
-                scheme = dataclasses.replace(base, bits=b, group_size=g, symmetric=sym).for_layer(in_features)
-                found.setdefault(scheme, scheme)
-    return found, base.for_layer(in_features)
-
-
-def bit_allocation(
-    model: nn.Module, table: ArchTable, windows: torch.Tensor, recipe: Recipe, base: WeightScheme,
-    precision: Precision, batch_size: int, device: str, progress: bool,
-) -> tuple[dict[str, WeightScheme], dict[str, float]]:
-    """BAQ's sensitivity pass over the float model, then the allocation: (scheme, closed-form rate) per layer."""
-    assert recipe.baq is not None
-    opts = recipe.baq
-    n = windows.shape[0] if opts.samples is None else min(opts.samples, windows.shape[0])
-    blocks = get_module(model, table.blocks)
-    names = [
-        f"{table.blocks}.{i}.{n}" for i in range(len(blocks)) for n in table.linears
-        if not is_ignored(f"{table.blocks}.{i}.{n}", recipe.ignore)
-    ]
-    wanted = set(names)
-    layers: list[baq.LayerSensitivity] = []
-    refs: dict[str, WeightScheme] = {}
-
-    def add(name: str, W: torch.Tensor, stats: InputStats, fisher: torch.Tensor | None) -> None:
-        candidates, refs[name] = baq_candidates(base, recipe, W.shape[1])
-        layers.append(baq.measure(name, W, stats, candidates, precision, fisher))
-
-    if opts.sensitivity == "fisher":
-        stats = collect_sensitivity_stats(model, table, windows[:n], wanted, progress)
-        for name in tqdm(names, desc="bit widths", unit="layer", disable=not progress):
-            add(name, get_module(model, name).weight.data, stats.inputs[name], stats.fisher[name])
-        del stats
-    else:
-        inputs = capture_block_inputs(model, table, windows[:n], batch_size, device)
-        for i in tqdm(range(len(blocks)), desc="sensitivity", unit="block", disable=not progress):
-            block, prefix = blocks[i].to(device), f"{table.blocks}.{i}"
-
-            def on_group(index: int, stats: InputStats) -> None:
-                for n in table.sequential[index]:
-                    if f"{prefix}.{n}" in wanted:
-                        add(f"{prefix}.{n}", get_module(block, n).weight.data, stats, None)
-
-            inputs.hidden = run_block_staged(block, table, inputs, on_group)
-            blocks[i] = block.to("cpu")
-    chosen, rates = baq.allocate(layers, opts.avg_bits, refs, opts.theta, bits=lambda k: k.bits)
-    allowed = set(opts.widths)
-    if not {s.bits for s in chosen.values()} <= allowed:  # the reference width was measured but is not allowed
-        raise LowbitError(f"BAQ chose widths outside {sorted(allowed)}: add the recipe's weights.bits to baq.widths")
-    return chosen, rates
 
 
 def check_run_args(samples: int, calib_seqlen: int, batch_size: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -162,37 +163,38 @@ def test_missing_shard_is_one_line(sharded: Path, tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
 
 
-def test_tensor_missing_from_every_shard_is_one_line(sharded: Path, tmp_path: Path) -> None:
-    broken = tmp_path / "ckpt"
-    shutil.copytree(sharded, broken)
-    shard = broken / "model-00001-of-00003.safetensors"
-    tensors = load_file(str(shard))
-    gone = sorted(tensors)[0]
-    del tensors[gone]
-    save_file(tensors, str(shard), metadata={"format": "pt"})
-    with pytest.raises(LowbitError, match=f"does not match its config \\(e.g. {gone}") as e:
-        lowbit.load(broken)
+def _edited_copy(source: Path, tmp_path: Path, file: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A copy of checkpoint ``source`` whose weight ``file`` holds its tensors after ``edit`` (in place); both."""
+    copy = tmp_path / "ckpt"
+    shutil.copytree(source, copy)
+    tensors = load_file(str(copy / file))
+    edit(tensors)
+    save_file(tensors, str(copy / file), metadata={"format": "pt"})
+    return copy, tensors
+
+
+def _one_line_load_error(directory: Path, match: str) -> None:
+    with pytest.raises(LowbitError, match=match) as e:
+        lowbit.load(directory)
     assert "\n" not in str(e.value)
+
+
+def test_tensor_missing_from_every_shard_is_one_line(sharded: Path, tmp_path: Path) -> None:
+    gone: list[str] = []
+    broken, _ = _edited_copy(sharded, tmp_path, "model-00001-of-00003.safetensors",
+                             lambda t: gone.append(sorted(t)[0]) or t.pop(gone[0]))
+    _one_line_load_error(broken, f"does not match its config \\(e.g. {gone[0]}")
 
 
 def test_float_tensor_of_another_shape_is_one_line(stories_w4: Path, tmp_path: Path) -> None:
-    broken = tmp_path / "ckpt"
-    shutil.copytree(stories_w4, broken)
-    tensors = load_file(str(broken / WEIGHTS_FILE))
-    tensors["model.norm.weight"] = torch.ones(7)
-    save_file(tensors, str(broken / WEIGHTS_FILE), metadata={"format": "pt"})
-    with pytest.raises(LowbitError, match=r"model.norm.weight has shape \[7\], but its config.json makes it") as e:
-        lowbit.load(broken)
-    assert "\n" not in str(e.value)
+    broken, _ = _edited_copy(stories_w4, tmp_path, WEIGHTS_FILE, lambda t: t.update({"model.norm.weight": torch.ones(7)}))
+    _one_line_load_error(broken, r"model.norm.weight has shape \[7\], but its config.json makes it")
 
 
 def test_float_parameter_stored_in_another_dtype_is_cast(stories_w4: Path, tmp_path: Path) -> None:
     """As load_state_dict's copy did: a float16 norm gain in a float32 model becomes float32."""
-    copy = tmp_path / "ckpt"
-    shutil.copytree(stories_w4, copy)
-    tensors = load_file(str(copy / WEIGHTS_FILE))
-    tensors["model.norm.weight"] = tensors["model.norm.weight"].half()
-    save_file(tensors, str(copy / WEIGHTS_FILE), metadata={"format": "pt"})
+    copy, tensors = _edited_copy(stories_w4, tmp_path, WEIGHTS_FILE,
+                                 lambda t: t.update({"model.norm.weight": t["model.norm.weight"].half()}))
     model = lowbit.load(copy)
     assert model.model.norm.weight.dtype == torch.float32
     assert torch.equal(model.model.norm.weight, tensors["model.norm.weight"].float())
