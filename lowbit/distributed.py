@@ -54,6 +54,11 @@ class Ranks:
         return self.world > 1
 
 
+def world_size() -> int:
+    """The number of processes torchrun started for this run (``WORLD_SIZE``; 1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device: str) -> Ranks:
     """Join the process group that torchrun described in the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
     ``MASTER_ADDR``/``MASTER_PORT``); a single process when ``WORLD_SIZE`` is unset or 1.
@@ -61,7 +66,7 @@ def setup(device: str) -> Ranks:
     Raises:
         LowbitError: one line when the group cannot be formed (a port that is taken, a rank that never came).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return Ranks(0, 1, device)
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))

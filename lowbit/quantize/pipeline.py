@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
 import sys
 import time
@@ -84,15 +83,15 @@ def calibration_autocast(calib_dtype: str, device: str) -> contextlib.AbstractCo
     return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
 
 
-def check_scale_args(calib_dtype: str, max_shard_size: str | int, ranks: Ranks, recipe: Recipe, trained: bool, resume: bool) -> int:
+def check_scale_args(calib_dtype: str, max_shard_size: str | int, world: int, recipe: Recipe, trained: bool, resume: bool) -> int:
     """One line for a --calib-dtype, --max-shard-size, process count or --resume the run cannot take; the shard
     size in bytes."""
     if calib_dtype not in CALIB_DTYPES:
         raise LowbitError(f"--calib-dtype {calib_dtype!r}: valid are {', '.join(CALIB_DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
     learned = not streams(recipe.transforms) or block_trained(recipe.transforms) is not None
-    if ranks.active and (trained or learned or recipe.baq is not None):
-        raise LowbitError(f"{ranks.world} processes: recipe {recipe.name} trains (learned transforms, trained rounding) "
+    if world > 1 and (trained or learned or recipe.baq is not None):
+        raise LowbitError(f"{world} processes: recipe {recipe.name} trains (learned transforms, trained rounding) "
                           "or allocates bits (BAQ) over the whole model, which runs in one process; drop --nproc/torchrun")
     if resume and trained:
         raise LowbitError(f"--resume: recipe {recipe.name} trains its rounding over the whole model after the block loop, "
@@ -161,8 +160,7 @@ def quantize_model(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LowbitError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     trainer = TRAINERS.get(recipe.method)
-    ranks = Ranks(0, int(os.environ.get("WORLD_SIZE", "1")), device)
-    shard_bytes = check_scale_args(calib_dtype, max_shard_size, ranks, recipe, trainer is not None, resume)
+    shard_bytes = check_scale_args(calib_dtype, max_shard_size, distributed.world_size(), recipe, trainer is not None, resume)
     model_dir = resolve_model_dir(model)
     config = check_model_dir(model_dir)
     geometry = None  # the sizes the transforms need, checked before the model loads

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -232,8 +231,8 @@ def test_a_taken_port_is_one_line(stories_dir: Path, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def _rank_pids(launcher: int) -> dict[int, int]:
-    """rank -> pid of the torchrun workers below the process ``launcher``."""
+def _rank_pids() -> dict[int, int]:
+    """rank -> pid of the running torchrun workers of ``quantize model`` (one launcher at a time in this test)."""
     found = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -261,7 +260,7 @@ def test_a_rank_that_dies_is_one_line_and_writes_nothing(stories_dir: Path, tmp_
         ch = proc.stderr.read(1)
         assert ch, seen[-2000:]
         seen += ch
-    ranks = _rank_pids(proc.pid)
+    ranks = _rank_pids()
     assert set(ranks) == {0, 1}
     os.kill(ranks[1], signal.SIGKILL)
     rest = proc.stderr.read()
